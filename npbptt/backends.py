@@ -1,0 +1,69 @@
+"""The one place that decides which implementation of a hot loop runs.
+
+Operations and their NumPy references (every kernel has the reference's signature and must
+equal it):
+
+    "bptt"        (net, x, y, S, K1, K2, loss) -> (loss, grads, S_T)   npbptt.bptt.bptt_reference
+    "step_losses" (net, x, y, S, loss)         -> (L (T,), S_T)        npbptt.bptt.step_losses_reference
+    "grad_norms"  (net, x, y, S, loss)         -> phi (T, B)           npbptt.probe.grad_norms_reference
+
+Backends: "numpy" (the reference, always available), "numba" (CPU kernels in npbptt.kernels),
+"cuda" (numba.cuda kernels). ``backend=None`` picks :func:`default_backend`.
+"""
+import importlib
+
+__all__ = ["BACKENDS", "available", "default_backend", "resolve"]
+
+BACKENDS = ("numpy", "numba", "cuda")
+
+_REFERENCE = {
+    "bptt": ("npbptt.bptt", "bptt_reference"),
+    "step_losses": ("npbptt.bptt", "step_losses_reference"),
+    "grad_norms": ("npbptt.probe", "grad_norms_reference"),
+}
+_KERNEL_MODULE = {"numba": "npbptt.kernels.cpu", "cuda": "npbptt.kernels.gpu"}
+
+
+def _kernel_module(backend):
+    try:
+        return importlib.import_module(_KERNEL_MODULE[backend])
+    except ImportError:
+        return None
+
+
+def available():
+    """The backends that can run here, in order of preference for the CPU."""
+    out = ["numpy"]
+    mod = _kernel_module("numba")
+    if mod is not None:
+        out.insert(0, "numba")
+    mod = _kernel_module("cuda")
+    if mod is not None and getattr(mod, "is_available", lambda: False)():
+        out.append("cuda")
+    return out
+
+
+def default_backend():
+    """The fastest backend available and correct for every input: "numba" when the CPU kernels
+    import, else "numpy"."""
+    return available()[0]
+
+
+def resolve(op, backend=None, net=None):
+    """The function implementing ``op`` on ``backend`` (see the module docstring)."""
+    if op not in _REFERENCE:
+        raise ValueError(f"unknown operation {op!r}")
+    if backend is None:
+        backend = default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend == "numpy":
+        module, name = _REFERENCE[op]
+        return getattr(importlib.import_module(module), name)
+    mod = _kernel_module(backend)
+    if mod is None or not hasattr(mod, op):
+        raise ValueError(f"backend {backend!r} is not available here for {op!r} "
+                         f"(available: {available()})")
+    if backend == "cuda" and not mod.is_available():
+        raise ValueError("backend 'cuda' needs an NVIDIA GPU (or NUMBA_ENABLE_CUDASIM=1); none found")
+    return getattr(mod, op)

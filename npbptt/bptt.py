@@ -1,0 +1,197 @@
+"""BPTT(K1, K2) by the paper's recursion (16), its special cases, and streaming (Eq. 17).
+
+For a chunk of T steps t = 1..T (s = T in the paper's notation), BPTT(K1, K2) is Eq. (15):
+
+    BPTT(K1, K2) = 1/K2 * sum_{k'=0}^{K2-1} sum_{k=0}^{K1} dL_{s-k'}/dS_{s-k} . dS_{s-k}/dtheta
+
+computed by recursion (16) in one backward sweep of K1 + 1 steps:
+
+    b_k = b_{k-1} . dS_{s-k+1}/dS_{s-k} + dL_{s-k}/dS_{s-k}    if k < K2
+    b_k = b_{k-1} . dS_{s-k+1}/dS_{s-k}                          if k >= K2
+    BPTT(K1, K2) = 1/K2 * sum_{k=0}^{K1} b_k . dS_{s-k}/dtheta   (+ the read-out's direct term)
+
+Full BPTT over the chunk is BPTT(T-1, T); the estimator g_K of Eq. (3) is BPTT(K, 1).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backends
+from .losses import LOSSES
+from .validate import check_inputs, check_K
+
+__all__ = ["BPTTResult", "bptt", "bptt_reference", "vjp_state", "vjp_params", "step_losses",
+           "step_losses_reference", "stream"]
+
+
+@dataclass
+class BPTTResult:
+    """Result of :func:`bptt`.
+
+    loss  : float, (1/K2) sum_{t=T-K2+1}^{T} L_t, L_t the batch-mean loss of step t
+    grads : dict like ``net.params``, the BPTT(K1, K2) gradient of that loss
+    state : state after step T (same structure as the input state), to carry to the next chunk
+    """
+    loss: float
+    grads: dict
+    state: object
+
+
+# --- the two products recursion (16) is written in -------------------------------------------
+def vjp_state(net, cache, b):
+    """b . dS_t/dS_{t-1}: the step-t vector-Jacobian product with the state (a tuple of (L, B, H)),
+    ``cache`` from ``net.step``. This is the first term of recursion (16)."""
+    return net.step_vjp(cache, b)[1]
+
+
+def vjp_params(net, cache, b):
+    """b . dS_t/dtheta as a dict over every parameter the state update uses (the recurrent layers
+    and, with an embedding, ``embedding.weight``): the summand of BPTT(K1, K2) in Eq. (15)."""
+    grads, _, dx = net.step_vjp(cache, b)
+    if net.embedding:
+        grads["embedding.weight"] = np.zeros_like(net.params["embedding.weight"])
+        np.add.at(grads["embedding.weight"], cache[0], dx)
+    return grads
+
+
+def _accumulate(total, part):
+    for k, v in part.items():
+        total[k] += v
+
+
+# --- the NumPy reference ----------------------------------------------------------------------
+def bptt_reference(net, x, y, S, K1, K2, loss):
+    """Recursion (16) on validated inputs; S is the internal state tuple.
+
+    Returns (loss, grads, S_T). Every fast backend's ``bptt`` must equal this function.
+    """
+    T, B = x.shape[:2]
+    K1 = min(K1, T - 1)              # K1 >= T - 1 is full BPTT over the chunk
+    t0 = T - 1 - K1                  # the state entering step t0 (0-based) is held constant
+    for t in range(t0):
+        S, _ = net.step(S, x[t])
+    caches, tops = [], []
+    for t in range(t0, T):
+        S, cache = net.step(S, x[t])
+        caches.append(cache)
+        tops.append(S[0][-1])        # h_t of the top layer, read by the read-out
+    loss_fn = LOSSES[loss]
+    grads = net.zero_grads()
+    b = tuple(np.zeros_like(s) for s in S)   # b_{-1} = 0
+    total = 0.0
+    for k in range(K1 + 1):
+        i, t = K1 - k, T - 1 - k     # step s - k
+        if k < K2:
+            # Eq. (16), k < K2: b_k = b_{k-1} dS_{s-k+1}/dS_{s-k} + dL_{s-k}/dS_{s-k};
+            # L_{s-k} reads S_{s-k} through the read-out of the top layer's h.
+            ell, dout = loss_fn(net.readout(tops[i]), y[t])
+            total += float(ell.mean())
+            d_readout, dh_top = net.readout_vjp(tops[i], dout / B)
+            _accumulate(grads, d_readout)    # the direct term dL_s/dtheta of Eq. (2)
+            b[0][-1] += dh_top
+        # Eq. (15)/(16): add b_k . dS_{s-k}/dtheta, and form b_{k+1}'s first term
+        # b_k . dS_{s-k}/dS_{s-k-1} (unused after k = K1: that state is a constant).
+        dtheta, b, dx = net.step_vjp(caches[i], b)
+        _accumulate(grads, dtheta)
+        if net.embedding:
+            np.add.at(grads["embedding.weight"], x[t], dx)
+    for v in grads.values():
+        v /= K2                      # the 1/K2 of Eq. (15)
+    return total / K2, grads, S
+
+
+def step_losses_reference(net, x, y, S, loss):
+    """Forward pass only: the batch-mean loss L_t of every step (T,) and the final state tuple."""
+    loss_fn = LOSSES[loss]
+    L = np.empty(x.shape[0])
+    for t in range(x.shape[0]):
+        S, _ = net.step(S, x[t])
+        L[t] = loss_fn(net.readout(S[0][-1]), y[t])[0].mean()
+    return L, S
+
+
+# --- public entry points ----------------------------------------------------------------------
+def bptt(net, x, y, state, K1, K2, loss="cross_entropy", backend=None):
+    """Truncated backpropagation through time BPTT(K1, K2) on one chunk, Eqs. (15)-(16).
+
+    Parameters
+    ----------
+    net : npbptt.RNN or npbptt.LSTM
+    x : (T, B) int tokens (embedding input) or (T, B, input_size) floats (dense input)
+    y : (T, B) int targets (``loss="cross_entropy"``) or (T, B, output_size) (``loss="mse"``)
+    state : the state entering step 1: RNN (num_layers, B, H); LSTM tuple (h, c) of such
+    K1 : int >= 0, backpropagate through steps T-K1..T; the state entering step T-K1 is a
+         constant. K1 >= T-1 is full BPTT over the chunk.
+    K2 : int, 1 <= K2 <= min(T, K1+1): the losses of the last K2 steps are used.
+    loss : "cross_entropy" or "mse"
+    backend : "numpy" (the reference), "numba", "cuda", or None for the default.
+
+    Returns
+    -------
+    BPTTResult with ``loss`` = (1/K2) sum_{t=T-K2+1}^T L_t, ``grads`` its BPTT(K1, K2) gradient
+    (a dict like ``net.params``) and ``state`` the state after step T.
+
+    Notes
+    -----
+    * L_t is the batch-mean loss of step t (cross-entropy of the read-out, or mean squared error
+      over batch and outputs as PyTorch's ``MSELoss``); the gradient is of the mean over the K2
+      losses, i.e. includes the 1/K2 normalisation of Eq. (15), as the paper insists.
+    * The read-out parameters get the direct term dL_s/dtheta of Eq. (2) for each of the K2
+      losses; it is not truncated.
+    * S_t is the full state handed from step t to step t+1 (every layer's h, and c for the LSTM);
+      b_k = dL/dS_{s-k} perturbs S_{s-k} as the input of step s-k+1 and of the read-out at s-k.
+    * The paper indexes the inner sum of Eq. (15) from ``k = s - t`` (a typo); the recursion (16)
+      it is computed by runs k = 0..K1, which is what is implemented.
+    """
+    x, y, S = check_inputs(net, x, y, state, loss)
+    K1, K2 = check_K(K1, K2, x.shape[0])
+    impl = backends.resolve("bptt", backend, net)
+    value, grads, S = impl(net, x, y, S, K1, K2, loss)
+    return BPTTResult(float(value), grads, net.to_public(S))
+
+
+def step_losses(net, x, y, state, loss="cross_entropy", backend=None):
+    """Forward pass over a sequence: (L, state) with L (T,) the batch-mean loss of every step
+    and ``state`` the final state. ``exp(L.mean())`` is the perplexity for cross-entropy."""
+    x, y, S = check_inputs(net, x, y, state, loss)
+    L, S = backends.resolve("step_losses", backend, net)(net, x, y, S, loss)
+    return L, net.to_public(S)
+
+
+def stream(net, x, y, state, K, K1=None, loss="cross_entropy", backend=None):
+    """Stream BPTT(K1, K) over a long sequence in the chunks S_m of Eq. (17), carrying the state.
+
+    The steps 1..T are partitioned into S_m = [(m-1)K + 1, ..., mK] (the last chunk may be
+    shorter). For each chunk this yields ``(chunk, result)``: ``chunk`` the slice of S_m in x,
+    ``result`` the :class:`BPTTResult` of BPTT(K1, |S_m|) for the losses of S_m, backpropagated
+    over the K1 + 1 steps ending at the chunk's end (fewer at the start of the sequence), from the
+    state carried from the previous chunks.  K1 defaults to 2K, the paper's BPTT(2K, K).
+
+    The parameters are read when each chunk is computed, so a training loop may update
+    ``net.params`` between chunks (Algorithm 1, lines 8-12): the carried state is then the one
+    computed with the parameters of its time, as in any streaming TBPTT.
+
+    Notes
+    -----
+    The K1 + 1 - K steps of a window that precede S_m are recomputed (not kept from the previous
+    chunk's forward pass), and the state entering the window is advanced by a forward pass: one
+    extra forward pass over the data per epoch, in exchange for every chunk being a plain
+    :func:`bptt` call on its own window.
+    """
+    x, y, S = check_inputs(net, x, y, state, loss)
+    T = x.shape[0]
+    if not isinstance(K, (int, np.integer)) or isinstance(K, bool) or K < 1:
+        raise ValueError(f"K must be an integer >= 1, got {K!r}")
+    K1 = 2 * K if K1 is None else K1
+    check_K(K1, min(K, T), T)
+    advance = backends.resolve("step_losses", backend, net)
+    a = 0                                    # S is the state entering step a (0-based)
+    for start in range(0, T, K):
+        stop = min(start + K, T)
+        a_new = max(0, stop - K1 - 1)        # first step of the window
+        if a_new > a:
+            S = advance(net, x[a:a_new], y[a:a_new], S, loss)[1]
+            a = a_new
+        res = bptt(net, x[a:stop], y[a:stop], net.to_public(S), min(K1, stop - a - 1),
+                   stop - start, loss, backend)
+        yield slice(start, stop), res

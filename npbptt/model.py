@@ -1,0 +1,199 @@
+"""Stacked RNN and LSTM networks with an embedding or dense input and a linear read-out (§2).
+
+The network is its parameter dict plus a few sizes; every computation is a function of
+(params, state, input).  One network step maps the full state S_{t-1} (all layers) and the
+input x_t to S_t:
+
+    e_t = E[x_t] (embedding) or x_t (dense)
+    h_t^(l) = H_l(h_{t-1}^(l), h_t^(l-1); theta_l),  h_t^(0) = e_t      (§2, stacked RNNs)
+    out_t  = W_dec h_t^(L) + b_dec                                      (linear read-out)
+
+Internally a state is a tuple of arrays of shape (L, B, H): ``(h,)`` for the simple RNN and
+``(h, c)`` for the LSTM.  The public state (``init_state``, ``bptt(..., state)``) is the array
+``h`` for the RNN and the tuple ``(h, c)`` for the LSTM, as in PyTorch.
+"""
+import numpy as np
+
+from .cells import ACTIVATIONS, lstm_step, lstm_step_vjp, rnn_step, rnn_step_vjp
+
+__all__ = ["RNN", "LSTM"]
+
+_LAYER_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+class _Network:
+    """Common part of :class:`RNN` and :class:`LSTM`; not instantiated directly."""
+
+    kind = None
+    gates = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, output_size=None, vocab_size=None,
+                 activation="tanh", bias=True, dtype=np.float64, seed=None):
+        for name, v, lo in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
+                            ("num_layers", num_layers, 1)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+        if output_size is None:
+            output_size = vocab_size
+        if not isinstance(output_size, (int, np.integer)) or output_size < 1:
+            raise ValueError(f"output_size must be an integer >= 1, got {output_size!r}")
+        if vocab_size is not None and (not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1):
+            raise ValueError(f"vocab_size must be None or an integer >= 1, got {vocab_size!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
+        self.output_size = int(output_size)
+        self.vocab_size = None if vocab_size is None else int(vocab_size)
+        self.activation, self.bias, self.dtype = activation, bool(bias), dtype
+        self.params = self._init_params(np.random.default_rng(seed))
+
+    # -- parameters ---------------------------------------------------------------------------
+    def _init_params(self, rng):
+        """PyTorch's default initialisation: U(-1/sqrt(H), 1/sqrt(H)) for the recurrent layers
+        and the read-out (fan-in bound), N(0, 1) for the embedding."""
+        H, G = self.hidden_size, self.gates
+        k = 1.0 / np.sqrt(H)
+        p = {}
+        if self.vocab_size is not None:
+            p["embedding.weight"] = rng.standard_normal((self.vocab_size, self.input_size))
+        for l in range(self.num_layers):
+            n_in = self.input_size if l == 0 else H
+            p[f"weight_ih_l{l}"] = rng.uniform(-k, k, (G * H, n_in))
+            p[f"weight_hh_l{l}"] = rng.uniform(-k, k, (G * H, H))
+            if self.bias:
+                p[f"bias_ih_l{l}"] = rng.uniform(-k, k, G * H)
+                p[f"bias_hh_l{l}"] = rng.uniform(-k, k, G * H)
+        p["decoder.weight"] = rng.uniform(-k, k, (self.output_size, H))
+        p["decoder.bias"] = rng.uniform(-k, k, self.output_size)
+        return {name: a.astype(self.dtype) for name, a in p.items()}
+
+    def layer(self, l):
+        """Parameters of layer ``l`` without the ``_l{l}`` suffix (views into ``params``)."""
+        return {k: self.params[f"{k}_l{l}"] for k in _LAYER_KEYS if f"{k}_l{l}" in self.params}
+
+    @property
+    def embedding(self):
+        """True when the input is integer tokens through ``embedding.weight``."""
+        return self.vocab_size is not None
+
+    @property
+    def n_state(self):
+        """Number of arrays in the internal state tuple: 1 (RNN) or 2 (LSTM, h and c)."""
+        return 2 if self.kind == "lstm" else 1
+
+    def init_state(self, batch):
+        """Zero state: RNN an array (num_layers, B, H); LSTM a tuple (h, c) of such arrays."""
+        if not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        zeros = lambda: np.zeros((self.num_layers, batch, self.hidden_size), self.dtype)
+        return (zeros(), zeros()) if self.kind == "lstm" else zeros()
+
+    def zero_grads(self):
+        """A dict of zeros shaped like ``params``."""
+        return {k: np.zeros_like(v) for k, v in self.params.items()}
+
+    def copy(self):
+        """An independent copy of the network (parameters copied)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.params = {k: v.copy() for k, v in self.params.items()}
+        return new
+
+    def config(self):
+        """Constructor arguments (JSON-friendly) that rebuild this architecture."""
+        cfg = dict(input_size=self.input_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                   output_size=self.output_size, vocab_size=self.vocab_size, bias=self.bias,
+                   dtype=self.dtype.name)
+        if self.kind == "rnn":
+            cfg["activation"] = self.activation
+        return cfg
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- state conversions -----------------------------------------------------------------
+    def to_internal(self, state):
+        """Public state -> internal tuple of (L, B, H) arrays."""
+        return tuple(state) if self.kind == "lstm" else (state,)
+
+    def to_public(self, S):
+        """Internal tuple -> public state (RNN: the array h; LSTM: the tuple (h, c))."""
+        return tuple(S) if self.kind == "lstm" else S[0]
+
+    # -- one network step and its vector-Jacobian product ---------------------------------
+    def embed(self, x_t):
+        """Input of layer 0 at one step: E[x_t] (B, input_size) or the dense x_t itself."""
+        return self.params["embedding.weight"][x_t] if self.embedding else x_t
+
+    def step(self, S_prev, x_t):
+        """S_t = H(S_{t-1}, x_t; theta), Eq. (1) for the stacked network.
+
+        S_prev: tuple of (L, B, H); x_t: (B,) tokens or (B, input_size). Returns (S_t, cache).
+        """
+        inp = self.embed(x_t)
+        S = tuple(np.empty_like(s) for s in S_prev)
+        caches = []
+        for l in range(self.num_layers):
+            p = self.layer(l)
+            if self.kind == "lstm":
+                (S[0][l], S[1][l]), cache = lstm_step(p, (S_prev[0][l], S_prev[1][l]), inp)
+            else:
+                S[0][l], cache = rnn_step(p, S_prev[0][l], inp, self.activation)
+            caches.append(cache)
+            inp = S[0][l]                                   # h_t^(l) is the input of layer l+1
+        return S, (x_t, caches)
+
+    def step_vjp(self, cache, dS):
+        """VJP of :meth:`step`. dS: tuple of (L, B, H), the gradient w.r.t. S_t as the input of
+        step t+1 and of the read-out.  Returns (dtheta, dS_prev, dx): dtheta a dict over the
+        recurrent layers' parameters, dS_prev = dS . dS_t/dS_{t-1}, dx (B, input_size) the
+        gradient w.r.t. the layer-0 input (the embedded rows when there is an embedding)."""
+        _, caches = cache
+        dS_prev = tuple(np.empty_like(d) for d in dS)
+        grads = {}
+        dx = None
+        for l in reversed(range(self.num_layers)):
+            p = self.layer(l)
+            dh = dS[0][l] if dx is None else dS[0][l] + dx  # from step t+1 and from layer l+1
+            if self.kind == "lstm":
+                dp, (dS_prev[0][l], dS_prev[1][l]), dx = lstm_step_vjp(p, caches[l], (dh, dS[1][l]))
+            else:
+                dp, dS_prev[0][l], dx = rnn_step_vjp(p, caches[l], dh, self.activation)
+            grads.update({f"{k}_l{l}": v for k, v in dp.items()})
+        return grads, dS_prev, dx
+
+    # -- read-out ------------------------------------------------------------------------
+    def readout(self, h_top):
+        """Linear read-out: (B, H) -> (B, output_size)."""
+        return h_top @ self.params["decoder.weight"].T + self.params["decoder.bias"]
+
+    def readout_vjp(self, h_top, dout):
+        """VJP of :meth:`readout`: returns ({decoder grads}, dh_top (B, H))."""
+        return ({"decoder.weight": dout.T @ h_top, "decoder.bias": dout.sum(axis=0)},
+                dout @ self.params["decoder.weight"])
+
+
+class RNN(_Network):
+    """Stacked simple RNN, h_t = rho(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh) (§2), PyTorch's nn.RNN
+    parameter names and shapes, with an embedding (``vocab_size``) or dense input and a linear
+    read-out ``decoder``.  ``activation`` in {"tanh", "relu", "sigmoid", "linear"}."""
+
+    kind = "rnn"
+    gates = 1
+
+
+class LSTM(_Network):
+    """Stacked LSTM (§2), PyTorch's nn.LSTM parameter names and gate order (i, f, g, o), with an
+    embedding (``vocab_size``) or dense input and a linear read-out ``decoder``."""
+
+    kind = "lstm"
+    gates = 4
+
+    def __init__(self, input_size, hidden_size, num_layers=1, output_size=None, vocab_size=None,
+                 bias=True, dtype=np.float64, seed=None):
+        super().__init__(input_size, hidden_size, num_layers, output_size, vocab_size,
+                         activation="tanh", bias=bias, dtype=dtype, seed=seed)

@@ -1,0 +1,106 @@
+"""Input checks shared by every public entry point: bad input raises ``ValueError`` naming the
+argument and what was expected, before anything is computed."""
+import numpy as np
+
+from .losses import LOSSES
+
+__all__ = ["check_x", "check_y", "check_state", "check_inputs", "check_K"]
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _finite(name, a):
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_x(net, x):
+    """x: (T, B) integer tokens in [0, vocab_size) with an embedding, else (T, B, input_size)
+    floats. Returns x as int64 or as the network's dtype."""
+    x = np.asarray(x)
+    if net.embedding:
+        if x.ndim != 2:
+            raise ValueError(f"x must have shape (T, B) of integer tokens, got shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"x must hold integer tokens for a network with an embedding, got dtype {x.dtype}")
+        if x.size and (x.min() < 0 or x.max() >= net.vocab_size):
+            raise ValueError(f"x tokens must lie in [0, vocab_size={net.vocab_size}), "
+                             f"got range [{x.min()}, {x.max()}]")
+        x = x.astype(np.int64, copy=False)
+    else:
+        if x.ndim != 3 or x.shape[2] != net.input_size:
+            raise ValueError(f"x must have shape (T, B, input_size={net.input_size}), got shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"x must be a floating-point array for a dense input, got dtype {x.dtype}")
+        _finite("x", x)
+        x = x.astype(net.dtype, copy=False)
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"x must have at least one step and one example, got shape {x.shape}")
+    return x
+
+
+def check_y(net, y, loss, T, B):
+    """y: (T, B) integer targets for cross-entropy, (T, B, output_size) floats for mse."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+    y = np.asarray(y)
+    if loss == "cross_entropy":
+        if y.shape != (T, B):
+            raise ValueError(f"y must have shape (T, B) = {(T, B)} of integer targets, got shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"y must hold integer targets for loss='cross_entropy', got dtype {y.dtype}")
+        if y.min() < 0 or y.max() >= net.output_size:
+            raise ValueError(f"y targets must lie in [0, output_size={net.output_size}), "
+                             f"got range [{y.min()}, {y.max()}]")
+        return y.astype(np.int64, copy=False)
+    if y.shape != (T, B, net.output_size):
+        raise ValueError(f"y must have shape (T, B, output_size) = {(T, B, net.output_size)} "
+                         f"for loss='mse', got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.floating):
+        raise ValueError(f"y must be floating-point for loss='mse', got dtype {y.dtype}")
+    _finite("y", y)
+    return y.astype(net.dtype, copy=False)
+
+
+def check_state(net, state, B):
+    """state: RNN (L, B, H) array; LSTM tuple (h, c) of such. Returns the internal tuple."""
+    shape = (net.num_layers, B, net.hidden_size)
+    if net.kind == "lstm":
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise ValueError("state must be a tuple (h, c) for an LSTM, "
+                             f"each of shape (num_layers, B, H) = {shape}")
+        parts = tuple(state)
+    else:
+        if isinstance(state, (tuple, list)):
+            raise ValueError(f"state must be one array of shape (num_layers, B, H) = {shape} for an RNN")
+        parts = (state,)
+    out = []
+    for name, s in zip(("state[0] (h)", "state[1] (c)") if net.kind == "lstm" else ("state",), parts):
+        s = np.asarray(s)
+        if s.shape != shape:
+            raise ValueError(f"{name} must have shape (num_layers, B, H) = {shape}, got {s.shape}")
+        if not np.issubdtype(s.dtype, np.floating):
+            raise ValueError(f"{name} must be floating-point, got dtype {s.dtype}")
+        _finite(name, s)
+        out.append(s.astype(net.dtype, copy=False))
+    return tuple(out)
+
+
+def check_inputs(net, x, y, state, loss):
+    """All of the above; returns (x, y, S) with S the internal state tuple."""
+    x = check_x(net, x)
+    T, B = x.shape[:2]
+    y = check_y(net, y, loss, T, B) if y is not None else None
+    return x, y, check_state(net, state, B)
+
+
+def check_K(K1, K2, T):
+    """1 <= K2 <= min(T, K1 + 1) and K1 >= 0 (BPTT(K1, K2) on a chunk of T steps)."""
+    if not _is_int(K1) or K1 < 0:
+        raise ValueError(f"K1 must be an integer >= 0, got {K1!r}")
+    if not _is_int(K2) or not 1 <= K2 <= min(T, K1 + 1):
+        raise ValueError(f"K2 must be an integer with 1 <= K2 <= min(T, K1 + 1) = {min(T, K1 + 1)} "
+                         f"(T={T}, K1={K1}), got {K2!r}")
+    return int(K1), int(K2)
