@@ -1,0 +1,18 @@
+"""The README's Python examples run and their assertions hold."""
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_readme_has_the_tour_with_assertions():
+    assert any("vjp_state" in b and "assert" in b for b in BLOCKS)
+
+
+@pytest.mark.parametrize("i", range(len(BLOCKS)))
+def test_readme_python_block_runs(i, capsys):
+    exec(compile(BLOCKS[i], f"README.md block {i}", "exec"), {})
+    capsys.readouterr()
