@@ -1,0 +1,311 @@
+"""TBPTT bias bounds and the adaptive truncation level (Aicher, Foti & Fox, UAI 2019, Secs. 3-4).
+
+Pure NumPy functions of the gradient norms of Eq. (18), as produced by BPTT(R, 1):
+
+    phi[k, s] = || dL_s / dS_{s-k} ||,   k = 0..R (lag),  s = 1..S (minibatch example),
+
+so ``phi`` has shape (R+1, S) and ``phi_mean = P_hat(phi)`` has shape (R+1,).
+
+Notes
+-----
+* Eq. (21) is printed as ``beta_hat = log[max ...]``; Eq. (19) bounds *log* beta by the slopes, so
+  the estimator is beta_hat = exp(max slope). Eq. (22) is printed garbled in the same way (a ``log``
+  for an ``exp`` and a misplaced bracket); read as beta_tilde = exp(sum_{k,k'} (y_k - y_k')(k - k')
+  / sum_{k,k'} (k - k')^2), y_k = log P[phi_k], over the window [tau_hat, R]. That pairwise ratio
+  equals the ordinary least-squares slope, which is how it is computed.
+* Eq. (23), K >= tau: M P[phi_tau] beta^(K - tau) / (1 - beta) equals M sum_{k >= K} P[phi_k] for an
+  exactly geometric tail, i.e. it also counts lag K itself (Theorem 1's sum starts at K + 1), an
+  upper bound loose by a factor 1/beta. Kept as printed (the authors' code does the same); it makes
+  E_hat continuous at K = tau - 1 -> tau. For K < tau it equals M sum_{k > K} P[phi_k] exactly.
+* Eq. (24) with the simplification ||P[g_K / M]|| ~= P[sum_{k<=K} phi_k] (Sec. 4.3), so M cancels.
+  The cumulative norm C(K) is extended beyond the window (K > R) by the geometric tail
+  P[phi_tau] beta^(k - tau), k = R+1..K, the same extrapolation Eq. (23) makes.
+* Underflow: P[phi_k] = 0 gives log 0 = -inf. A slope with a zero endpoint is taken as -inf (no
+  finite information, decay into underflow); OLS fits only the positive points. With fewer than
+  two positive points on the window every estimator returns beta_hat = 0.0.
+* variant="authors" reproduces github.com/aicherc/adaptive_tbptt (tbptt/adaptive_truncation.py)
+  where it differs from the paper: see :func:`beta_hat`, :func:`E_hat`, :func:`Delta_hat`. Its
+  numerical guards (adding 1e-100 before the log, OLS dropping log values < -50) are replaced by
+  the exact log-space handling above and are not reproduced.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Truncation", "P_hat", "beta_hat", "E_hat", "cumulative_norm", "Delta_hat",
+           "delta_hat", "kappa_hat"]
+
+_METHODS = ("max", "quantile", "ols")
+_VARIANTS = ("paper", "authors")
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """Result of Eq. (25): ``K`` the truncation, ``beta_hat`` (Eq. 21/22), ``tau_hat``,
+    ``delta_hat`` = Delta_hat(K) (Eq. 24) and ``flag``: "ok", "beta_ge_1" (K = K_max),
+    "no_K_meets_delta" (K = K_max) or "underflow" (all phi zero, K = K_min)."""
+    K: int
+    beta_hat: float
+    tau_hat: int
+    delta_hat: float
+    flag: str
+
+
+# --- validation -------------------------------------------------------------------------------
+def _is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x):
+    return _is_int(x) or isinstance(x, (float, np.floating))
+
+
+def _array(x, name, ndim, what):
+    try:
+        a = np.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {what}, got {x!r}") from None
+    if a.ndim != ndim or a.shape[0] < 2 or a.size < 2:
+        raise ValueError(f"{name}: expected {what}, got shape {a.shape}")
+    if not np.all(np.isfinite(a)) or np.any(a < 0):
+        raise ValueError(f"{name}: expected finite non-negative values (no NaN or inf)")
+    return a
+
+
+def _check_phi(phi):
+    return _array(phi, "phi", 2, "a 2-D array (R+1, S) with R+1 >= 2 lags, S >= 1 examples")
+
+
+def _check_curve(phi_mean):
+    return _array(phi_mean, "phi_mean", 1, "a 1-D array of R+1 >= 2 mean gradient norms")
+
+
+def _check_tau(tau_hat, R, default=True):
+    if tau_hat is None and default:
+        return (9 * R) // 10            # Sec. 4.2: tau_hat = 9R/10, rounded down (exact integer)
+    if not _is_int(tau_hat) or not 0 <= tau_hat < R:
+        raise ValueError(f"tau_hat: expected an integer in [0, R) = [0, {R}), got {tau_hat!r}")
+    return int(tau_hat)
+
+
+def _check_K(K):
+    a = np.asarray(K)
+    ok = np.issubdtype(a.dtype, np.integer) or (
+        np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a)))
+    if a.dtype == bool or not ok or np.any(a < 0):
+        raise ValueError(f"K: expected integer truncation level(s) >= 0, got {K!r}")
+    return a.astype(np.int64)
+
+
+def _check_beta(beta):
+    if not _is_real(beta) or np.isnan(beta) or beta < 0:
+        raise ValueError(f"beta: expected a real number >= 0, got {beta!r}")
+    return float(beta)
+
+
+def _check_options(variant, method="max", alpha=0.0):
+    if variant not in _VARIANTS:
+        raise ValueError(f"variant: expected one of {_VARIANTS}, got {variant!r}")
+    if method not in _METHODS:
+        raise ValueError(f"method: expected one of {_METHODS}, got {method!r}")
+    if not _is_real(alpha) or not 0 <= alpha < 1:
+        raise ValueError(f"alpha: expected a real number in [0, 1), got {alpha!r}")
+
+
+def _log(x):
+    with np.errstate(divide="ignore"):
+        return np.log(x)
+
+
+# --- Eq. (20)-(22): empirical mean and decay rate ------------------------------------------------
+def P_hat(phi):
+    """Eq. (20): P_S[phi_k] = (1/S) sum_s phi[k, s]. ``phi`` (R+1, S) -> (R+1,)."""
+    return _check_phi(phi).mean(axis=1)
+
+
+def beta_hat(phi_mean, tau_hat=None, method="max", alpha=0.1, variant="paper"):
+    """Estimate beta of (A-1), Eq. (7), from y_k = log P[phi_k] on the window [tau_hat, R].
+
+    ``phi_mean`` (R+1,); ``tau_hat`` int in [0, R), default floor(9R/10). Returns a float >= 0.
+    method "max" (Eq. 21): exp of the largest slope (y_k' - y_k)/(k' - k), tau_hat <= k < k' <= R;
+    "quantile": exp of the (1 - alpha) quantile of those slopes (the next-higher order statistic,
+    so alpha = 0 gives "max"); "ols" (Eq. 22): exp of the least-squares slope of y_k on k.
+
+    Notes
+    -----
+    variant="authors": the max uses only the pairs (tau_hat, k'), k' > tau_hat; the least squares
+    fits the whole curve [0, R], ignoring tau_hat; the quantile is as in the paper. Slopes with a
+    zero endpoint are -inf; fewer than two positive P[phi_k] on the window -> 0.0 (module Notes).
+    """
+    p = _check_curve(phi_mean)
+    R = p.size - 1
+    tau = _check_tau(tau_hat, R)
+    _check_options(variant, method, alpha)
+    lo = 0 if (method == "ols" and variant == "authors") else tau
+    y, k = _log(p[lo:]), np.arange(lo, R + 1, dtype=float)
+    fin = np.isfinite(y)
+    if method == "ols":                 # Eq. (22): sum (y_k - y_k')(k - k') / sum (k - k')^2
+        if fin.sum() < 2:
+            return 0.0
+        x, y = k[fin] - k[fin].mean(), y[fin] - y[fin].mean()
+        slope = float(np.dot(x, y) / np.dot(x, x))
+    else:                               # Eq. (19): log beta >= slope of every pair k < k' >= tau
+        if method == "max" and variant == "authors":
+            i, j = np.zeros(R - tau, dtype=int), np.arange(1, R - tau + 1)
+        else:
+            i, j = np.triu_indices(R + 1 - tau, k=1)
+        y0 = np.where(fin, y, 0.0)
+        s = np.where(fin[i] & fin[j], (y0[j] - y0[i]) / (k[j] - k[i]), -np.inf)
+        slope = s.max() if method == "max" else np.quantile(s, 1 - alpha, method="higher")
+    with np.errstate(over="ignore"):
+        return float(np.exp(slope))
+
+
+# --- Eq. (23)-(24): bias bounds ----------------------------------------------------------------
+def _log_E(logp, K, beta, tau, variant):
+    """log of Eq. (23) with M = 1, for beta < 1; ``K`` int64 array."""
+    log_tail = logp[tau] - np.log1p(-beta)          # log(P[phi_tau] / (1 - beta))
+    # Eq. (23): E_hat(K) = M P[phi_tau] beta^(K - tau) / (1 - beta), K >= tau (beta^0 = 1 always)
+    out, lag = np.full(K.shape, log_tail), K - tau
+    out[lag > 0] += lag[lag > 0] * _log(beta)
+    small = K < tau
+    if np.any(small):
+        # head[j] = log sum_{k=j}^{tau-1} P[phi_k], j = 0..tau (head[tau] = log 0)
+        head = np.full(tau + 1, -np.inf)
+        head[:tau] = np.logaddexp.accumulate(logp[:tau][::-1])[::-1]
+        Ks = K[small]
+        # Eq. (23), K < tau: sum_{k=K+1}^{tau-1} + phi_tau/(1-beta); authors: sum_{k=K}^{tau} + ...
+        h = head[Ks + 1] if variant == "paper" else np.logaddexp(head[Ks], logp[tau])
+        out[small] = np.logaddexp(h, log_tail)
+    return out
+
+
+def E_hat(phi_mean, K, beta, tau_hat, M=1.0, variant="paper"):
+    """Eq. (23), the estimated absolute-bias bound, computed in log space.
+
+    ``phi_mean`` (R+1,); ``K`` int or int array >= 0 (may exceed R: the geometric tail
+    extrapolates); returns an array of K's shape (a float for scalar K). beta >= 1 gives inf.
+      K <  tau_hat: M (sum_{k=K+1}^{tau-1} P[phi_k] + P[phi_tau] / (1 - beta))
+      K >= tau_hat: M P[phi_tau] beta^(K - tau) / (1 - beta)
+
+    Notes
+    -----
+    variant="authors" (their log_abs_error_estimate): for K < tau_hat the sum starts at k = K and
+    counts phi_tau twice, M (sum_{k=K}^{tau} P[phi_k] + P[phi_tau] / (1 - beta)). Both variants
+    count lag K for K >= tau_hat (module Notes).
+    """
+    p = _check_curve(phi_mean)
+    tau, K, beta = _check_tau(tau_hat, p.size - 1, default=False), _check_K(K), _check_beta(beta)
+    if not _is_real(M) or not 0 < M < np.inf:
+        raise ValueError(f"M: expected a finite real number > 0, got {M!r}")
+    _check_options(variant)
+    if beta >= 1:
+        return np.full(K.shape, np.inf)[()]
+    with np.errstate(over="ignore"):
+        return np.exp(np.log(M) + _log_E(_log(p), K, beta, tau, variant))[()]
+
+
+def _cum(p, K, beta, tau):
+    """C(K) = P[sum_{k=0}^{K} phi_k], geometric tail P[phi_tau] beta^(k - tau) for k > R."""
+    R = p.size - 1
+    out = np.cumsum(p)[np.minimum(K, R)]
+    big = K > R
+    if np.any(big) and p[tau] > 0:
+        n = (K[big] - R).astype(float)               # lags R+1..K; sum beta^j, j < n
+        with np.errstate(over="ignore", invalid="ignore"):
+            if beta == 1:
+                g = n
+            elif beta == np.inf:
+                g = np.full(n.shape, np.inf)
+            else:
+                g = np.expm1(n * _log(beta)) / (beta - 1)
+            out[big] += p[tau] * beta ** (R + 1 - tau) * g
+    return out
+
+
+def cumulative_norm(phi_mean, K, beta, tau_hat):
+    """C(K) = P[sum_{k=0}^{K} phi_k], the stand-in for ||P[g_K / M]|| in Eq. (24) (Sec. 4.3).
+
+    ``phi_mean`` (R+1,), ``K`` int or int array >= 0 -> K's shape. For K > R the lags R+1..K are
+    extrapolated by P[phi_tau] beta^(k - tau) (module Notes).
+    """
+    p = _check_curve(phi_mean)
+    tau, K, beta = _check_tau(tau_hat, p.size - 1, default=False), _check_K(K), _check_beta(beta)
+    return _cum(p, np.atleast_1d(K), beta, tau).reshape(K.shape)[()]
+
+
+def Delta_hat(phi_mean, K, beta, tau_hat, variant="paper"):
+    """Eq. (24), the estimated relative-bias bound, with M cancelled (Sec. 4.3):
+
+        Delta_hat(K) = E_hat(K) / max_{k <= K} (C(k) - E_hat(k)),   E_hat with M = 1,
+
+    inf where the denominator is not positive (or beta >= 1). ``phi_mean`` (R+1,); ``K`` int or int
+    array >= 0 -> K's shape. Scale-free: phi_mean is divided by its maximum first.
+
+    Notes
+    -----
+    variant="authors" (their log_lower_total_grad_norm_estimate): E_hat of that variant and the
+    denominator max_{0 <= k <= R} (C(k) - E_hat(k)) over the whole window, the same for every K.
+    """
+    p = _check_curve(phi_mean)
+    tau, K, beta = _check_tau(tau_hat, p.size - 1, default=False), _check_K(K), _check_beta(beta)
+    _check_options(variant)
+    K1 = np.atleast_1d(K)
+    out = np.full(K1.shape, np.inf)
+    if beta >= 1:
+        return out.reshape(K.shape)[()]
+    if p.max() > 0:
+        p = p / p.max()
+    logp, R = _log(p), p.size - 1
+    E = lambda k: np.exp(_log_E(logp, k, beta, tau, variant))      # noqa: E731
+    k = np.arange(R + 1)
+    D = _cum(p, k, beta, tau) - E(k)                                 # C(k) - E_hat(k), k = 0..R
+    if variant == "paper":
+        den = np.maximum.accumulate(D)[np.minimum(K1, R)]
+        big = K1 > R    # beyond R, C grows and E_hat decays (K >= tau): the max is at K or <= R
+        if np.any(big):
+            den[big] = np.maximum(D.max(), _cum(p, K1[big], beta, tau) - E(K1[big]))
+    else:
+        den = np.full(K1.shape, D.max())
+    ok = den > 0
+    with np.errstate(over="ignore"):
+        out[ok] = E(K1[ok]) / den[ok]
+    return out.reshape(K.shape)[()]
+
+
+# --- Eq. (25): adaptive truncation ------------------------------------------------------------
+def delta_hat(phi, K, tau_hat=None, method="ols", alpha=0.1, variant="paper"):
+    """The estimated relative bias Delta_hat(K) (Eq. 24) of truncation K, from ``phi`` (R+1, S),
+    beta estimated as in :func:`kappa_hat` (used to report the delta of fixed-K runs)."""
+    p = P_hat(phi)
+    tau = _check_tau(tau_hat, p.size - 1)
+    b = beta_hat(p, tau, method, alpha, variant)
+    return Delta_hat(p, K, b, tau, variant)
+
+
+def kappa_hat(phi, delta, K_min, K_max, tau_hat=None, method="ols", alpha=0.1, variant="paper"):
+    """Eq. (25): the smallest K in [K_min, K_max] with Delta_hat(K) < delta. Returns a Truncation.
+
+    ``phi`` (R+1, S) finite, >= 0, R+1 >= 2; ``delta`` in (0, 1); 1 <= K_min <= K_max;
+    ``tau_hat`` in [0, R) (default floor(9R/10)); ``method``/``alpha``/``variant`` as in beta_hat.
+    beta_hat >= 1 -> K_max, "beta_ge_1"; no K meets delta -> K_max, "no_K_meets_delta"; all phi zero
+    -> K_min, "underflow" (Delta_hat is then 0/0, reported as inf). Memory O(K_max - K_min).
+    """
+    p = P_hat(phi)
+    tau = _check_tau(tau_hat, p.size - 1)
+    if not _is_real(delta) or not 0 < delta < 1:
+        raise ValueError(f"delta: expected a real number in (0, 1), got {delta!r}")
+    if not (_is_int(K_min) and _is_int(K_max) and 1 <= K_min <= K_max):
+        raise ValueError(f"K_min, K_max: expected integers 1 <= K_min <= K_max, "
+                         f"got {K_min!r}, {K_max!r}")
+    b = beta_hat(p, tau, method, alpha, variant)
+    if not np.any(p > 0):                   # 0 / 0: Delta_hat's "denominator not positive" -> inf
+        return Truncation(int(K_min), b, tau, float(Delta_hat(p, K_min, b, tau)), "underflow")
+    if b >= 1:
+        return Truncation(int(K_max), b, tau, np.inf, "beta_ge_1")
+    Ks = np.arange(K_min, K_max + 1)
+    D = Delta_hat(p, Ks, b, tau, variant)
+    hit = np.flatnonzero(D < delta)
+    if hit.size == 0:
+        return Truncation(int(K_max), b, tau, float(D[-1]), "no_K_meets_delta")
+    return Truncation(int(Ks[hit[0]]), b, tau, float(D[hit[0]]), "ok")
