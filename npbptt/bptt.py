@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backends
 from .losses import LOSSES
-from .validate import check_inputs, check_K
+from .validate import check_inputs, check_K, is_int
 
 __all__ = ["BPTTResult", "bptt", "bptt_reference", "vjp_state", "vjp_params", "step_losses",
            "step_losses_reference", "stream"]
@@ -180,7 +180,7 @@ def stream(net, x, y, state, K, K1=None, loss="cross_entropy", backend=None):
     """
     x, y, S = check_inputs(net, x, y, state, loss)
     T = x.shape[0]
-    if not isinstance(K, (int, np.integer)) or isinstance(K, bool) or K < 1:
+    if not is_int(K) or K < 1:
         raise ValueError(f"K must be an integer >= 1, got {K!r}")
     K1 = 2 * K if K1 is None else K1
     check_K(K1, min(K, T), T)

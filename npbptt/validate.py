@@ -4,10 +4,11 @@ import numpy as np
 
 from .losses import LOSSES
 
-__all__ = ["check_x", "check_y", "check_state", "check_inputs", "check_K"]
+__all__ = ["is_int", "check_x", "check_y", "check_state", "check_inputs", "check_K"]
 
 
-def _is_int(v):
+def is_int(v):
+    """A Python or NumPy integer, not a bool."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
@@ -98,9 +99,9 @@ def check_inputs(net, x, y, state, loss):
 
 def check_K(K1, K2, T):
     """1 <= K2 <= min(T, K1 + 1) and K1 >= 0 (BPTT(K1, K2) on a chunk of T steps)."""
-    if not _is_int(K1) or K1 < 0:
+    if not is_int(K1) or K1 < 0:
         raise ValueError(f"K1 must be an integer >= 0, got {K1!r}")
-    if not _is_int(K2) or not 1 <= K2 <= min(T, K1 + 1):
+    if not is_int(K2) or not 1 <= K2 <= min(T, K1 + 1):
         raise ValueError(f"K2 must be an integer with 1 <= K2 <= min(T, K1 + 1) = {min(T, K1 + 1)} "
                          f"(T={T}, K1={K1}), got {K2!r}")
     return int(K1), int(K2)
