@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .validate import is_int
+
 __all__ = ["Truncation", "P_hat", "beta_hat", "E_hat", "cumulative_norm", "Delta_hat",
            "delta_hat", "kappa_hat"]
 
@@ -52,12 +54,8 @@ class Truncation:
 
 
 # --- validation -------------------------------------------------------------------------------
-def _is_int(x):
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _is_real(x):
-    return _is_int(x) or isinstance(x, (float, np.floating))
+    return is_int(x) or isinstance(x, (float, np.floating))
 
 
 def _array(x, name, ndim, what):
@@ -83,7 +81,7 @@ def _check_curve(phi_mean):
 def _check_tau(tau_hat, R, default=True):
     if tau_hat is None and default:
         return (9 * R) // 10            # Sec. 4.2: tau_hat = 9R/10, rounded down (exact integer)
-    if not _is_int(tau_hat) or not 0 <= tau_hat < R:
+    if not is_int(tau_hat) or not 0 <= tau_hat < R:
         raise ValueError(f"tau_hat: expected an integer in [0, R) = [0, {R}), got {tau_hat!r}")
     return int(tau_hat)
 
@@ -295,7 +293,7 @@ def kappa_hat(phi, delta, K_min, K_max, tau_hat=None, method="ols", alpha=0.1, v
     tau = _check_tau(tau_hat, p.size - 1)
     if not _is_real(delta) or not 0 < delta < 1:
         raise ValueError(f"delta: expected a real number in (0, 1), got {delta!r}")
-    if not (_is_int(K_min) and _is_int(K_max) and 1 <= K_min <= K_max):
+    if not (is_int(K_min) and is_int(K_max) and 1 <= K_min <= K_max):
         raise ValueError(f"K_min, K_max: expected integers 1 <= K_min <= K_max, "
                          f"got {K_min!r}, {K_max!r}")
     b = beta_hat(p, tau, method, alpha, variant)
