@@ -32,21 +32,22 @@ def _kernel_module(backend):
 
 
 def available():
-    """The backends that can run here, in order of preference for the CPU."""
+    """The backends that can run here, in order of preference: "numba" (the CPU kernels, when
+    numba imports), "numpy" (always), "cuda" (when numba.cuda finds a GPU or the simulator)."""
     out = ["numpy"]
-    mod = _kernel_module("numba")
-    if mod is not None:
+    if _kernel_module("numba") is not None:
         out.insert(0, "numba")
     mod = _kernel_module("cuda")
-    if mod is not None and getattr(mod, "is_available", lambda: False)():
+    if mod is not None and mod.is_available():
         out.append("cuda")
     return out
 
 
 def default_backend():
-    """The fastest backend available and correct for every input: "numba" when the CPU kernels
-    import, else "numpy"."""
-    return available()[0]
+    """The fastest backend that is available and correct for every input: "numba" when the CPU
+    kernels import (they hand networks they do not support to the reference), else "numpy".
+    The CUDA kernels are never chosen implicitly: ask for ``backend="cuda"``."""
+    return "numba" if _kernel_module("numba") is not None else "numpy"
 
 
 def resolve(op, backend=None, net=None):

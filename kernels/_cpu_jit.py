@@ -1,0 +1,317 @@
+"""The jitted CPU code behind :mod:`npbptt.kernels.cpu` (private).
+
+Everything numba compiles for the CPU lives in this one file, so that numba's on-disk cache
+(``cache=True``, keyed on this file) is invalidated by any change to it.
+
+One layer of the stacked network runs over a whole chunk of T steps at a time (§2, stacked
+RNNs: layer l at every step only needs layer l-1's outputs), so the input projections
+``W_ih x_t + b`` of all steps and the weight gradients of all steps are single large GEMMs done by
+the caller in NumPy; only the recurrence itself is sequential and lives here:
+
+* :func:`forward_rows`   -- h_t = H(h_{t-1}, x_t) for rows r0:r1 of the batch (the cells of §2,
+  ``npbptt.cells.rnn_step`` / ``lstm_step``), given P[t] = W_ih x_t + b;
+* :func:`backward_rows`  -- the backward recursion (16) restricted to one layer: the pre-activation
+  gradients da_t of every step (``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp``) and, for the
+  probe of Eq. (18), the squared norms of the state gradients b_k;
+* :func:`loss_rows`      -- the read-out losses of ``npbptt.losses`` and their gradients, fused;
+
+Each works on a range of batch rows r0:r1 and releases the GIL (``nogil``): the examples of a
+batch never interact, so the caller runs chunks of rows on several threads for a whole sweep.
+
+Activations are passed as int codes (``ACT``) and the cell kind as ``kind`` (0 RNN, 1 LSTM), so
+each kernel is compiled once per float type.  exp, sigmoid and tanh use the vectorisable
+implementations below (numba has no vector libm without Intel's SVML): float64 to 1-2 ulp; for
+float32 they are evaluated in float64 and rounded once (within about half an ulp, like NumPy's).
+"""
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+__all__ = ["ACT", "RNN", "LSTM", "XENT", "MSE", "forward_rows", "backward_rows", "loss_rows",
+           "scatter_add_rows"]
+
+ACT = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3}
+RNN, LSTM = 0, 1
+XENT, MSE = 0, 1
+
+_JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+
+
+# --- vectorisable elementary functions ---------------------------------------------------------
+@intrinsic
+def _pow2(typingctx, n):
+    """2**n for a float n holding an integer in the normal exponent range (same float type),
+    built from the exponent bits so that loops calling it vectorise."""
+    if not isinstance(n, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        it = ir.IntType(n.bitwidth)
+        bias, shift = (1023, 52) if n.bitwidth == 64 else (127, 23)
+        i = builder.add(builder.fptosi(args[0], it), ir.Constant(it, bias))
+        return builder.bitcast(builder.shl(i, ir.Constant(it, shift)), context.get_value_type(n))
+
+    return n(n), codegen
+
+
+# Cody-Waite split of ln 2 (n * _LN2HI is exact for the exponents used) and the smallest
+# argument whose exponential is a normal double.
+_LOG2E, _LN2HI, _LN2LO, _VMIN = 1.4426950408889634, 0.693147180369123816490, 1.90821492927058770002e-10, -708.0
+_ELEM = dict(error_model="numpy", fastmath={"contract"})
+
+
+def _make_elementary(deg):
+    """exp(v) (v <= 0), sigmoid and tanh in float64 arithmetic, with e^r - 1 on |r| <= ln(2)/2 by
+    its Taylor polynomial of degree ``deg`` (remainder < 0.35^(deg+1)/(deg+1)!: 13 for float64
+    results, 8 for results rounded to float32)."""
+    C = tuple(1.0 / math.factorial(k) for k in range(1, deg + 1))
+    nc = deg
+
+    @njit(**_ELEM)
+    def expm1_reduced(v):
+        """(e^r - 1, 2^n) with v = n ln 2 + r, |r| <= ln(2)/2, for v <= 0."""
+        v = max(v, _VMIN)
+        n = np.floor(v * _LOG2E + 0.5)
+        r = (v - n * _LN2HI) - n * _LN2LO
+        q = C[nc - 1]
+        for k in range(nc - 2, -1, -1):
+            q = q * r + C[k]
+        return q * r, _pow2(n)
+
+    @njit(**_ELEM)
+    def exp_neg(v):
+        """e^v for v <= 0 (0 below the smallest normal double)."""
+        q, s = expm1_reduced(v)
+        return (q + 1.0) * s if v >= _VMIN else 0.0
+
+    @njit(**_ELEM)
+    def sigmoid(z):
+        """1/(1+e^-z), or e^z/(1+e^z) for z < 0, as npbptt.cells.sigmoid (no overflow)."""
+        e = exp_neg(-abs(z))
+        s = 1.0 / (1.0 + e)
+        return s if z >= 0 else e * s
+
+    @njit(**_ELEM)
+    def tanh(z):
+        """tanh z = -expm1(-2|z|) / (2 + expm1(-2|z|)) sign(z), accurate near 0 as well."""
+        q, s = expm1_reduced(-2.0 * abs(z))
+        m = s * q + (s - 1.0)                # expm1(-2|z|) in (-1, 0]
+        t = -m / (2.0 + m)
+        return t if z >= 0 else -t
+
+    return exp_neg, sigmoid, tanh
+
+
+_F64 = _make_elementary(13)
+_F32 = _make_elementary(8)
+
+
+def _generic(i, name):
+    """A function of one float dispatching on its type: float64 directly; float32 evaluated in
+    float64 and rounded once (so within about half an ulp, like a correctly rounded libm)."""
+    def stub(z):
+        raise NotImplementedError
+    stub.__name__ = stub.__qualname__ = name
+    f64, f32 = _F64[i], _F32[i]
+
+    @overload(stub, jit_options=_ELEM)
+    def _ov(z):
+        if isinstance(z, types.Float) and z.bitwidth == 64:
+            return lambda z: f64(z)
+        if isinstance(z, types.Float) and z.bitwidth == 32:
+            return lambda z: np.float32(f32(np.float64(z)))
+        return None
+
+    return stub
+
+
+exp_neg = _generic(0, "exp_neg")
+sigmoid = _generic(1, "sigmoid")
+tanh = _generic(2, "tanh")
+
+
+@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+def _activate(act, z):
+    """rho(z) of the simple RNN (npbptt.cells.ACTIVATIONS) for code ``act``."""
+    if act == 0:
+        return tanh(z)
+    if act == 1:
+        return max(z, z - z)                 # np.maximum(z, 0), in z's type
+    if act == 2:
+        return sigmoid(z)
+    return z
+
+
+@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+def _activate_grad(act, a, one):
+    """rho'(z) written in terms of the output a = rho(z) (npbptt.cells.ACTIVATIONS); ``one`` is
+    1 in a's type."""
+    if act == 0:
+        return one - a * a
+    if act == 1:
+        return one if a > 0 else a - a
+    if act == 2:
+        return a * (one - a)
+    return one
+
+
+# --- one layer over a chunk, rows r0:r1 of the batch --------------------------------------------
+@njit(**_JIT)
+def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
+    """Forward pass of one layer over T steps for batch rows r0:r1; equals the layer's part of
+    ``npbptt.model._Network.step`` (``npbptt.cells.rnn_step`` / ``lstm_step``) step after step.
+
+    P   : (T, B, G*H) on entry W_ih x_t (ignored when ``tok`` has rows); on exit the activations
+          (LSTM: the gates i, f, g(=z), o of each step; RNN: h_t itself)
+    bias: (G*H,) b_ih + b_hh (zeros without biases; unused when ``tok`` has rows)
+    tab, tok : (V, G*H) the table W_ih E[v] + b and (T, B) the tokens, when layer 0's input
+          projection is read from the table (else tok of shape (0, 0))
+    WhhT: (H, G*H) = W_hh^T, C-contiguous
+    Hs  : (T+1, B, H), Hs[0] the entering h; Hs[t+1] <- h_t
+    Cs  : (T+1, B, H), Cs[0] the entering c; Cs[t+1] <- c_t  (LSTM; unused for the RNN)
+    TC  : (T, B, H) <- tanh(c_t)                              (LSTM; unused for the RNN)
+    """
+    T, GH = P.shape[0], P.shape[2]
+    H = Hs.shape[2]
+    A = np.empty((r1 - r0, GH), P.dtype)
+    use_tab = tok.shape[0] > 0
+    nobias = np.zeros(GH, P.dtype)
+    for t in range(T):
+        np.dot(Hs[t, r0:r1], WhhT, A)                         # W_hh h_{t-1}
+        for r in range(r1 - r0):
+            b = r0 + r
+            p, h = P[t, b], Hs[t + 1, b]
+            src, bb = (tab[tok[t, b]], nobias) if use_tab else (p, bias)
+            a = A[r]
+            for j in range(GH):
+                a[j] += src[j] + bb[j]                        # + W_ih x_t + b_ih + b_hh
+            if kind == LSTM:
+                c_prev, c, tc = Cs[t, b], Cs[t + 1, b], TC[t, b]
+                for j in range(H):
+                    i = sigmoid(a[j])                         # i_t = sigma(W_i h_{t-1} + U_i x_t)
+                    f = sigmoid(a[H + j])                     # f_t = sigma(W_f h_{t-1} + U_f x_t)
+                    g = tanh(a[2 * H + j])                    # z_t = tanh(W_z h_{t-1} + U_z x_t)
+                    o = sigmoid(a[3 * H + j])                 # o_t = sigma(W_o h_{t-1} + U_o x_t)
+                    cj = i * g + f * c_prev[j]                # c_t = i_t o z_t + f_t o c_{t-1}
+                    tcj = tanh(cj)
+                    p[j], p[H + j], p[2 * H + j], p[3 * H + j] = i, f, g, o
+                    c[j], tc[j] = cj, tcj
+                    h[j] = o * tcj                            # h_t = o_t o tanh(c_t)
+            else:
+                for j in range(H):
+                    v = _activate(act, a[j])                  # h_t = rho(W_hh h_{t-1} + W_ih x_t + b)
+                    p[j] = v
+                    h[j] = v
+
+
+@njit(**_JIT)
+def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
+    """Backward recursion (16) through one layer for batch rows r0:r1, steps T-1 down to t_stop;
+    equals ``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp`` applied step after step as in
+    ``npbptt.model._Network.step_vjp``.
+
+    D     : (T, B, G*H) the activations left by :func:`forward_rows`; for t >= t_stop overwritten
+            by da_t, the gradient w.r.t. the pre-activations W_ih x_t + W_hh h_{t-1} + b
+    Hs, Cs, TC : as left by :func:`forward_rows`
+    dHext : (T, B, H) gradient reaching h_t from outside the recurrence at step t (the layer
+            above's input gradient and, for the top layer, the read-out)
+    Whh   : (G*H, H) = W_hh, C-contiguous
+    sq    : (T, B) or (0, B); when it has rows, sq[t-1, b] += ||b^(layer)_{t-1}||^2 for
+            t >= max(t_stop, 1), where b_{t-1} = (dh, dc) is the gradient w.r.t. this layer's
+            part of S_{t-1} as the input of step t -- the b_k of recursion (16), k = T-t
+    """
+    T, GH = D.shape[0], D.shape[2]
+    H = Hs.shape[2]
+    R = r1 - r0
+    want_sq = sq.shape[0] > 0
+    dh_rec = np.zeros((R, H), D.dtype)                        # b_{t}, h part, from step t+1
+    dc_rec = np.zeros((R, H), D.dtype)                        # b_{t}, c part (LSTM)
+    one = D.dtype.type(1)
+    for t in range(T - 1, t_stop - 1, -1):
+        for r in range(R):
+            b = r0 + r
+            d, de, dr = D[t, b], dHext[t, b], dh_rec[r]
+            if kind == LSTM:
+                dcr, c_prev, tc = dc_rec[r], Cs[t, b], TC[t, b]
+                for j in range(H):
+                    dh = dr[j] + de[j]                        # from step t+1 and from above
+                    i, f, g, o = d[j], d[H + j], d[2 * H + j], d[3 * H + j]
+                    tcj = tc[j]
+                    dc = dcr[j] + dh * o * (one - tcj * tcj)  # through h_t = o_t tanh(c_t)
+                    d[j] = dc * g * i * (one - i)             # d/d(pre-activation of i)
+                    d[H + j] = dc * c_prev[j] * f * (one - f) # f
+                    d[2 * H + j] = dc * i * (one - g * g)     # g (z)
+                    d[3 * H + j] = dh * tcj * o * (one - o)   # o
+                    dcr[j] = dc * f                           # dc_{t-1} = dc_t f_t
+            else:
+                for j in range(H):
+                    d[j] = (dr[j] + de[j]) * _activate_grad(act, d[j], one)   # dz = dh rho'(z)
+        if t > t_stop or want_sq:
+            np.dot(D[t, r0:r1], Whh, dh_rec)                  # dh_{t-1} = da_t W_hh
+            if want_sq and t >= 1:
+                for r in range(R):
+                    s = D.dtype.type(0)
+                    for j in range(H):
+                        s += dh_rec[r, j] * dh_rec[r, j]
+                    if kind == LSTM:
+                        for j in range(H):
+                            s += dc_rec[r, j] * dc_rec[r, j]
+                    sq[t - 1, r0 + r] += s
+
+
+# --- read-out losses -----------------------------------------------------------------------------
+@njit(**_JIT)
+def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
+    """Per-example losses of ``npbptt.losses`` on the read-out, rows r0:r1, fused with their
+    gradients; equals ``cross_entropy`` (code 0) or ``mse`` (code 1) of ``npbptt.losses``.
+
+    out  : (N, O) on entry h W_dec^T (the bias is added here); on exit, when ``want_grad``,
+           ``scale * d ell / d out`` (else the logits)
+    yi   : (N,) int targets (cross-entropy) ;  yf : (N, O) targets (mse)
+    ell  : (N,) <- per-example losses
+    """
+    O = out.shape[1]
+    one = out.dtype.type(1)
+    for r in range(r0, r1):
+        z = out[r]
+        for o in range(O):
+            z[o] += bias[o]
+        if code == XENT:
+            m = z[0]
+            for o in range(1, O):
+                m = max(m, z[o])
+            zy = z[yi[r]] - m
+            se = z.dtype.type(0)
+            for o in range(O):
+                e = exp_neg(z[o] - m)                         # exp(z - max z)
+                se += e
+                if want_grad:
+                    z[o] = e
+            ell[r] = math.log(se) - zy                        # logsumexp(z) - z_y
+            if want_grad:
+                yr = yi[r]
+                for o in range(O):                            # d ell/dz = softmax(z) - onehot(y),
+                    v = z[o] / se                             # scaled after the subtraction
+                    z[o] = (v - one if o == yr else v) * scale
+        else:
+            s = z.dtype.type(0)
+            two = z.dtype.type(2 * scale / O)
+            for o in range(O):
+                d = z[o] - yf[r, o]
+                s += d * d
+                if want_grad:
+                    z[o] = two * d                            # d/dout mean_o (out - y)^2
+            ell[r] = s / O
+
+
+@njit(**_JIT)
+def scatter_add_rows(idx, src, dst):
+    """dst[idx[n]] += src[n] for every row n, in order (``np.add.at(dst, idx, src)``); idx (N,),
+    src (N, C), dst (V, C)."""
+    for n in range(idx.shape[0]):
+        d, s = dst[idx[n]], src[n]
+        for c in range(s.shape[0]):
+            d[c] += s[c]

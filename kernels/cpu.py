@@ -1,0 +1,545 @@
+"""CPU kernels (Numba ``@njit``) for BPTT(K1, K2), the forward losses and the probe of Eq. (18).
+
+Selected by ``backend="numba"`` (the default where numba imports).  The three public functions have
+exactly the signatures and return values of the NumPy references they must equal:
+
+    bptt(net, x, y, S, K1, K2, loss)  -> (loss, grads, S_T)   npbptt.bptt.bptt_reference
+    step_losses(net, x, y, S, loss)   -> (L (T,), S_T)        npbptt.bptt.step_losses_reference
+    grad_norms(net, x, y, S, loss)    -> phi (T, B)           npbptt.probe.grad_norms_reference
+
+Inputs are the validated ones (``npbptt.validate.check_inputs``; ``S`` the internal state tuple).
+A network this module does not know how to run -- anything but an ``npbptt.RNN`` / ``npbptt.LSTM``
+whose step, read-out and embedding are the stock ones (see :func:`supports`) -- is handed to the
+reference itself, so a subclass that changes the recurrence is never silently run as the stock one.
+
+How the work is laid out (the algorithm is the reference's; only the order of independent
+operations changes, so results agree to round-off):
+
+* the batch is split into one chunk of rows per thread (``numba.get_num_threads()``), and each
+  thread runs the whole call -- forward, read-out, backward, its part of every gradient -- on
+  its rows: the examples of a batch never interact, so the only synchronisation is the final sum
+  of the per-chunk gradients.  Plain Python threads (the kernels and NumPy's BLAS release the GIL)
+  rather than numba's ``prange``: no barrier spinning when the cores are shared, no parallel-region
+  compile time.  BLAS is held at one thread meanwhile and restored afterwards
+  (:func:`blas_single_thread`): a multi-threaded BLAS spin-waits at every small GEMM of the
+  recurrence, which collapses when the cores are shared;
+* within a chunk the stacked network runs layer by layer over all steps (layer l at step t only
+  needs layer l-1 at step t), so ``W_ih x_t`` of every step and the input gradients ``da_t W_ih``
+  are single GEMMs, and the weight gradients ``sum_t da_t^T x_t`` are per-step GEMMs summed over
+  the steps -- the reference's summation order, so float32 errors match the reference's;
+* only the recurrence -- ``W_hh h_{t-1}`` with the cell nonlinearity, and backwards recursion
+  (16)'s ``b_k dS_{s-k}/dS_{s-k-1}`` -- is a sequential loop, jitted in :mod:`._cpu_jit`; with an
+  embedding and a small vocabulary, layer 0's input projection is read from the table
+  ``W_ih E + b`` inside that loop;
+* the read-out's losses and their gradients are one fused kernel, in blocks of steps that bound
+  memory for large vocabularies, with the 1/B of the batch mean and the 1/K2 of Eq. (15) folded
+  into the loss gradient (everything after it is linear in it);
+* scratch arrays are reused between calls (:class:`_Workspace`): first-touch page faults of
+  fresh arrays otherwise cost as much as the arithmetic on W1-sized problems.
+
+The first call compiles the kernels (a few seconds per float type) and stores them in numba's
+on-disk cache; later processes load them (:func:`warmup` forces both).
+"""
+import contextlib
+import threading
+
+import numba
+import numpy as np
+
+from . import _cpu_jit as jit
+
+__all__ = ["bptt", "step_losses", "grad_norms", "supports", "blas_single_thread", "release_workspace",
+           "warmup"]
+
+# Largest number of elements in one read-out block / one cached forward block (memory bound).
+_BLOCK_ELEMENTS = 1 << 22
+# The batch is split over threads only into chunks of at least this many rows.
+_MIN_ROWS_PER_CHUNK = 8
+
+
+# --- which networks this module runs --------------------------------------------------------------
+def supports(net):
+    """True when ``net`` is an npbptt RNN/LSTM whose recurrence, read-out and embedding are the
+    stock ones (a subclass overriding any of them is run by the NumPy reference instead)."""
+    from npbptt.model import LSTM, RNN, _Network
+    if not isinstance(net, (RNN, LSTM)):
+        return False
+    cls = type(net)
+    for name in ("step", "step_vjp", "embed", "readout", "readout_vjp", "layer", "to_internal",
+                 "to_public"):
+        if getattr(cls, name, None) is not getattr(_Network, name):
+            return False
+    expected = (LSTM.kind, LSTM.gates) if isinstance(net, LSTM) else (RNN.kind, RNN.gates)
+    return ((cls.kind, cls.gates) == expected and net.activation in jit.ACT
+            and np.dtype(net.dtype) in (np.float32, np.float64))
+
+
+def _reference(op):
+    import importlib
+
+    from npbptt.backends import _REFERENCE
+    module, name = _REFERENCE[op]
+    return getattr(importlib.import_module(module), name)
+
+
+# --- BLAS threads ---------------------------------------------------------------------------------
+_controller = None
+_controller_lock = threading.Lock()
+
+
+def _get_controller():
+    global _controller
+    with _controller_lock:
+        if _controller is None:
+            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba's np.dot calls)
+            from threadpoolctl import ThreadpoolController
+            _controller = ThreadpoolController()
+        return _controller
+
+
+@contextlib.contextmanager
+def blas_single_thread():
+    """Hold every loaded BLAS at one thread for the duration (inside a parallel region each
+    worker calls BLAS on its own chunk); the previous limits are restored on exit."""
+    with _get_controller().limit(limits=1, user_api="blas"):
+        yield
+
+
+def _chunks(net, B):
+    """Batch row ranges processed in parallel: one per thread (``numba.get_num_threads()``) as long
+    as each gets at least ``_MIN_ROWS_PER_CHUNK`` rows, else the whole batch in one range.  Every
+    chunk uses a single-threaded BLAS, also for large layers where a multi-threaded BLAS on the
+    whole batch would halve the traffic of W_hh: its threads spin-wait for each other at every
+    small GEMM of the recurrence, which is up to 10x slower when the cores are shared."""
+    n = min(numba.get_num_threads(), B // _MIN_ROWS_PER_CHUNK)
+    if n <= 1:
+        return [(0, B)]
+    return [(c * B // n, (c + 1) * B // n) for c in range(n)]
+
+
+_pool = None
+
+
+def _parallel(fn, chunks):
+    """[fn(r0, r1) for (r0, r1) in chunks], in parallel threads (the calling thread takes the first
+    chunk; the kernels and NumPy's BLAS release the GIL), BLAS held at one thread meanwhile.  Each
+    chunk computes in its own workspace (see :class:`_Workspace`)."""
+    global _pool
+    caller = threading.get_ident()
+    with _controller_lock:
+        spaces = [_workspaces.setdefault((caller, c), _Workspace()) for c in range(len(chunks))]
+
+    def task(c):
+        _current.ws = spaces[c]
+        return fn(*chunks[c])
+
+    if len(chunks) == 1:
+        return [task(0)]
+    with _controller_lock:
+        if _pool is None or _pool._max_workers < len(chunks) - 1:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool = ThreadPoolExecutor(len(chunks) - 1, thread_name_prefix="npbptt-kernels")
+    with blas_single_thread():
+        futures = [_pool.submit(task, c) for c in range(1, len(chunks))]
+        try:
+            first = task(0)
+        finally:
+            rest = [f.result() for f in futures]
+    return [first] + rest
+
+
+def _rows(a, r0, r1):
+    """Batch rows r0:r1 of a (T, B, ...) input or target array, C-contiguous."""
+    return np.ascontiguousarray(a[:, r0:r1])
+
+
+def _combine_states(parts):
+    """Concatenate per-chunk internal states (tuples of (L, Bc, H)) along the batch."""
+    return tuple(np.concatenate([p[i] for p in parts], axis=1) for i in range(len(parts[0])))
+
+
+def _combine_grads(parts, names):
+    """Sum the per-chunk gradients (the chunks' examples are disjoint terms of the batch sum) into
+    fresh arrays, in the order of ``names``."""
+    out = {}
+    for n in names:
+        out[n] = parts[0][n].copy() if len(parts) == 1 else np.add(parts[0][n], parts[1][n])
+        for g in parts[2:]:
+            out[n] += g[n]
+    return out
+
+
+# --- network pieces -------------------------------------------------------------------------------
+class _Workspace:
+    """Scratch buffers reused from call to call.  A freshly allocated large array costs a page
+    fault per page on first touch, which for W1-sized problems costs as much as the arithmetic.
+    One workspace per (calling thread, batch chunk), so concurrent calls and the chunks of one call
+    never share buffers; returned arrays (gradients, states, losses) are always fresh."""
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, key, shape, dtype):
+        n = int(np.prod(shape))
+        dtype = np.dtype(dtype)
+        buf = self.bufs.get((key, dtype))
+        if buf is None or buf.size < n:
+            buf = np.empty(max(n, 1), dtype)
+            self.bufs[(key, dtype)] = buf
+        return buf[:n].reshape(shape)
+
+
+_workspaces = {}                 # (calling thread ident, chunk index) -> _Workspace
+_current = threading.local()     # .ws: the workspace of the chunk this thread is working on
+
+
+def _ws():
+    """The workspace of the chunk the current thread is computing."""
+    return _current.ws
+
+
+def release_workspace():
+    """Free the scratch buffers kept between calls."""
+    with _controller_lock:
+        _workspaces.clear()
+
+
+class _Layer:
+    """What the backward sweep needs of one layer's forward pass over a chunk: its input X (None for
+    layer 0 when the input projection came from the embedding table), the activations D, and the
+    states Hs (T+1, B, H), Cs (T+1, B, H), TC = tanh(c) (T, B, H) (the last two LSTM only)."""
+    __slots__ = ("X", "D", "Hs", "Cs", "TC")
+
+    def __init__(self, X, D, Hs, Cs, TC):
+        self.X, self.D, self.Hs, self.Cs, self.TC = X, D, Hs, Cs, TC
+
+
+def _codes(net):
+    return (jit.LSTM if net.kind == "lstm" else jit.RNN), jit.ACT[net.activation]
+
+
+def _use_table(net, n_tokens):
+    """Whether layer 0's input projection goes through the table E W_ih^T (V, G*H): cheaper than
+    the (n_tokens, input_size) GEMMs when the vocabulary is small compared with the tokens."""
+    return net.embedding and 2 * net.vocab_size <= n_tokens
+
+
+def _layer0_input(net, x, D):
+    """Layer 0's input projection for every step.  Returns (X, tab, tok): either the input X
+    (T, B, in) -- E[x_t] or the dense x_t -- with D (T, B, G*H) <- W_ih x_t, or, through the
+    embedding table, tab (V, G*H) = W_ih E[v] + b_ih + b_hh and the tokens (X None, D untouched:
+    the forward kernel reads the table)."""
+    p = net.layer(0)
+    T, B = x.shape[:2]
+    if _use_table(net, T * B):
+        tab = net.params["embedding.weight"] @ p["weight_ih"].T       # row v: W_ih E[v]
+        if "bias_ih" in p:
+            tab += p["bias_ih"] + p["bias_hh"]
+        return None, tab, np.ascontiguousarray(x, dtype=np.int64)
+    if net.embedding:
+        X = _ws().get("X0", (T, B, net.input_size), net.dtype)
+        np.take(net.params["embedding.weight"], x, axis=0, out=X)    # e_t = E[x_t]
+    else:
+        X = np.ascontiguousarray(x, dtype=net.dtype)
+    np.matmul(X.reshape(T * B, -1), p["weight_ih"].T, out=D.reshape(T * B, D.shape[2]))
+    return X, None, None
+
+
+def _forward(net, x, S):
+    """Run every layer over the steps of x (T, B) tokens or (T, B, in) from the internal state S.
+
+    Returns (layers, S_T): ``layers[l]`` a :class:`_Layer` holding the cached activations (views
+    of this thread's workspace, valid until the next call), S_T the internal state after the last
+    step (new arrays)."""
+    kind, act = _codes(net)
+    T, B = x.shape[:2]
+    H, GH, dt = net.hidden_size, net.gates * net.hidden_size, net.dtype
+    lstm = kind == jit.LSTM
+    none3 = np.empty((0, 0, 0), dt)
+    no_tab, no_tok = np.empty((0, GH), dt), np.empty((0, 0), np.int64)
+    layers = []
+    S_T = tuple(np.empty_like(s) for s in S)
+    X = None
+    for l in range(net.num_layers):
+        p = net.layer(l)
+        D = _ws().get(("D", l), (T, B, GH), dt)
+        tab, tok = no_tab, no_tok
+        if l == 0:
+            X, tab0, tok0 = _layer0_input(net, x, D)
+            if X is None:
+                tab, tok = tab0, tok0
+        else:                                            # W_ih x_t for every t at once
+            np.matmul(X.reshape(T * B, -1), p["weight_ih"].T, out=D.reshape(T * B, GH))
+        bias = (p["bias_ih"] + p["bias_hh"] if "bias_ih" in p else np.zeros(GH, dt)).astype(dt, copy=False)
+        Hs = _ws().get(("Hs", l), (T + 1, B, H), dt)
+        Hs[0] = S[0][l]
+        if lstm:
+            Cs = _ws().get(("Cs", l), (T + 1, B, H), dt)
+            Cs[0] = S[1][l]
+            TC = _ws().get(("TC", l), (T, B, H), dt)
+        else:
+            Cs = TC = none3
+        WhhT = np.ascontiguousarray(p["weight_hh"].T, dtype=dt)
+        jit.forward_rows(kind, act, D, bias, tab.astype(dt, copy=False), tok, WhhT, Hs, Cs, TC, 0, B)
+        layers.append(_Layer(X, D, Hs, Cs, TC))
+        S_T[0][l] = Hs[T]
+        if lstm:
+            S_T[1][l] = Cs[T]
+        X = Hs[1:]                                       # h_t^(l) is the input of layer l+1
+    return layers, S_T
+
+
+def _block_steps(net, B, width):
+    """Steps per block so that a (steps, B, width) buffer holds at most _BLOCK_ELEMENTS."""
+    return max(1, _BLOCK_ELEMENTS // (B * max(width, net.gates * net.hidden_size)))
+
+
+def _advance(net, x, S):
+    """The state after running the steps of x from S (caches kept for one block at a time)."""
+    Tb = _block_steps(net, x.shape[1], 1)
+    for a in range(0, x.shape[0], Tb):
+        S = _forward(net, x[a:a + Tb], S)[1]
+    return S
+
+
+def _loss_rows(net, loss, out, yi, yf, scale, want_grad, ell):
+    """Fused loss (+ scaled gradient, in place in ``out``) on read-out rows; see jit.loss_rows."""
+    code = jit.XENT if loss == "cross_entropy" else jit.MSE
+    bias = net.params["decoder.bias"]
+    jit.loss_rows(code, out, bias, yi, yf, net.dtype.type(scale), want_grad, ell, 0, out.shape[0])
+
+
+def _targets(net, loss, y):
+    """(yi, yf): int targets (N,) and float targets (N, O), the unused one empty."""
+    if loss == "cross_entropy":
+        return np.ascontiguousarray(y.reshape(-1), dtype=np.int64), np.empty((0, 0), net.dtype)
+    return np.empty(0, np.int64), np.ascontiguousarray(y.reshape(-1, y.shape[-1]), dtype=net.dtype)
+
+
+def _grad_buffer(name, like):
+    """This thread's scratch array for (its chunk's part of) the gradient of parameter ``name``."""
+    return _ws().get(("grad", name), like.shape, like.dtype)
+
+
+def _sum_over_steps(A, X, out, accumulate=False):
+    """out (=, or += when ``accumulate``) sum_t A_t^T X_t for A (T, B, m), X (T, B, n): the sum over
+    steps of Eq. (15), with the reference's summation structure (a GEMM over the batch at each
+    step, then a sum over the steps) so that float32 results have the reference's error, not that
+    of one long dot product.  Steps are grouped into one GEMM each only when the per-step products
+    would not fit in _BLOCK_ELEMENTS."""
+    T, m, n = A.shape[0], A.shape[2], X.shape[2]
+    if T * m * n <= _BLOCK_ELEMENTS:
+        parts = _ws().get("steps", (T, m, n), A.dtype)
+        np.matmul(A.transpose(0, 2, 1), X, out=parts)
+        if accumulate:
+            out += parts.sum(axis=0)
+        else:
+            parts.sum(axis=0, out=out)
+        return out
+    s = -(-T // max(1, _BLOCK_ELEMENTS // (m * n)))    # steps per group
+    tmp = _ws().get("group", (m, n), A.dtype)
+    for a in range(0, T, s):
+        dst = out if a == 0 and not accumulate else tmp
+        np.matmul(A[a:a + s].reshape(-1, m).T, X[a:a + s].reshape(-1, n), out=dst)
+        if dst is tmp:
+            out += tmp
+    return out
+
+
+def _bias_sum(A, out, accumulate=False):
+    """out (=, or +=) sum_t sum_b A[t, b] for A (T, B, m): over the batch at each step, then over
+    the steps."""
+    per_step = A.sum(axis=1)
+    if accumulate:
+        out += per_step.sum(axis=0)
+    else:
+        per_step.sum(axis=0, out=out)
+    return out
+
+
+def _readout_backward(net, Htop, y, loss, scale, dH, grads=None):
+    """Losses of the read-out on Htop (K, B, H) and the gradients of ``scale * sum ell``: dH
+    (K, B, H) is filled in and, when ``grads`` is a dict, the decoder's gradients are put in it
+    (this thread's scratch arrays).  Returns ell (K, B).  Blocks of steps of at most
+    _BLOCK_ELEMENTS logits bound the memory for large vocabularies."""
+    W, dt = net.params["decoder.weight"], net.dtype
+    K, B, H = Htop.shape
+    O = W.shape[0]
+    yi, yf = _targets(net, loss, y)
+    ell = np.empty((K, B), dt)
+    if grads is not None:
+        dW = grads["decoder.weight"] = _grad_buffer("decoder.weight", W)
+        db = grads["decoder.bias"] = _grad_buffer("decoder.bias", net.params["decoder.bias"])
+    steps = max(1, _BLOCK_ELEMENTS // (B * O))
+    out = _ws().get("logits", (min(steps, K), B, O), dt)
+    for a in range(0, K, steps):
+        b = min(a + steps, K)
+        o = out[:b - a]
+        o2 = o.reshape(-1, O)
+        np.matmul(Htop[a:b].reshape(-1, H), W.T, out=o2)
+        _loss_rows(net, loss, o2, yi[a * B:b * B] if yi.size else yi,
+                   yf[a * B:b * B] if yf.size else yf, scale, True, ell[a:b].reshape(-1))
+        if grads is not None:                            # read-out's direct term of Eq. (2)
+            _sum_over_steps(o, Htop[a:b], dW, accumulate=a > 0)
+            _bias_sum(o, db, accumulate=a > 0)
+        np.matmul(o2, W, out=dH[a:b].reshape(-1, H))
+    return ell
+
+
+def _backward(net, x, layers, dH, t_stop, sq, grads=None):
+    """Recursion (16) down the layers.  ``dH`` (T, B, H) holds on entry the read-out's gradient
+    reaching the top layer's h_t (it is then reused for the gradient reaching each layer below);
+    each layer's pre-activation gradients da_t (t >= t_stop) give its weight gradients and, through
+    W_ih, the gradient reaching the layer below.  ``x`` are the window's inputs (for the embedding).
+
+    When ``grads`` is a dict the gradients of the recurrent layers and the embedding are put in it
+    (this thread's scratch arrays); else only ``sq`` is accumulated (the probe, see
+    jit.backward_rows)."""
+    kind, act = _codes(net)
+    for l in reversed(range(net.num_layers)):
+        p = net.layer(l)
+        L = layers[l]
+        B = L.D.shape[1]
+        Whh = np.ascontiguousarray(p["weight_hh"], dtype=net.dtype)
+        jit.backward_rows(kind, act, L.D, L.Hs, L.Cs, L.TC, dH, Whh, t_stop, sq, 0, B)
+        if l > 0 or grads is not None:
+            _layer_grads(net, l, p, L, x[t_stop:], L.D[t_stop:], dH[t_stop:], t_stop, grads)
+
+
+def _layer_grads(net, l, p, L, x, DA, dX, t_stop, grads):
+    """Eq. (15)'s sum over steps of b_k . dS/dtheta for layer l's parameters (DA (T', B, G*H) the
+    pre-activation gradients of steps t_stop..T-1), put in ``grads`` when it is a dict, and the
+    gradient reaching the layer's input: written into dX (T', B, H) for a layer below, or
+    scattered into the embedding's gradient."""
+    T = L.D.shape[0]
+    DA2 = DA.reshape(-1, DA.shape[2])
+    if grads is not None:
+        name = lambda k: f"{k}_l{l}"
+        grads[name("weight_hh")] = _sum_over_steps(
+            DA, L.Hs[t_stop:T], _grad_buffer(name("weight_hh"), p["weight_hh"]))
+        if "bias_ih" in p:
+            for k in ("bias_ih", "bias_hh"):
+                grads[name(k)] = _bias_sum(DA, _grad_buffer(name(k), p[k]))
+        X = L.X
+        if X is None:                                    # layer 0 went through the table
+            X = _ws().get("X0", x.shape + (net.input_size,), net.dtype)
+            np.take(net.params["embedding.weight"], x, axis=0, out=X)
+        else:
+            X = X[t_stop:]
+        grads[name("weight_ih")] = _sum_over_steps(
+            DA, X, _grad_buffer(name("weight_ih"), p["weight_ih"]))
+    if l > 0:
+        np.matmul(DA2, p["weight_ih"], out=dX.reshape(DA2.shape[0], dX.shape[2]))  # into h_t of layer l-1
+    elif grads is not None and net.embedding:
+        E = net.params["embedding.weight"]
+        dE = grads["embedding.weight"] = _grad_buffer("embedding.weight", E)
+        dE.fill(0)
+        dX0 = _ws().get("dX0", (DA2.shape[0], E.shape[1]), net.dtype)
+        np.matmul(DA2, p["weight_ih"], out=dX0)
+        jit.scatter_add_rows(np.ascontiguousarray(x.reshape(-1)), dX0, dE)
+
+
+# --- the three operations -----------------------------------------------------------------------
+def bptt(net, x, y, S, K1, K2, loss):
+    """BPTT(K1, K2) on one chunk by recursion (16); must equal ``npbptt.bptt.bptt_reference``
+    (same arguments, same (loss, grads, S_T))."""
+    if not supports(net):
+        return _reference("bptt")(net, x, y, S, K1, K2, loss)
+    T, B = x.shape[:2]
+    K1 = min(K1, T - 1)
+    t0 = T - 1 - K1                                      # the state entering step t0 is constant
+    Tw, H = K1 + 1, net.hidden_size
+
+    def rows(r0, r1):
+        Bc = r1 - r0
+        xc, Sc = _rows(x, r0, r1), tuple(s[:, r0:r1] for s in S)
+        if t0 > 0:
+            Sc = _advance(net, xc[:t0], Sc)
+        layers, S_T = _forward(net, xc[t0:], Sc)
+        dH = _ws().get("dH", (Tw, Bc, H), net.dtype)
+        dH[:Tw - K2] = 0
+        # Eq. (16), k < K2: the losses' gradients dL_{s-k}/dS_{s-k}, with the 1/B of the batch
+        # mean and the 1/K2 of Eq. (15) folded in
+        grads = {}
+        ell = _readout_backward(net, layers[-1].Hs[Tw - K2 + 1:], _rows(y[T - K2:], r0, r1), loss,
+                                1.0 / (B * K2), dH[Tw - K2:], grads)
+        _backward(net, xc[t0:], layers, dH, 0, np.empty((0, Bc), net.dtype), grads)
+        return ell.sum(axis=1), grads, S_T
+
+    parts = _parallel(rows, _chunks(net, B))
+    ell_sum = sum(p[0] for p in parts)                   # per step, over the whole batch
+    value = float(np.sum(ell_sum / B)) / K2
+    grads = _combine_grads([p[1] for p in parts], list(net.params))
+    return value, grads, _combine_states([p[2] for p in parts])
+
+
+def step_losses(net, x, y, S, loss):
+    """Forward pass only: the batch-mean loss of every step (T,) and the final state; must equal
+    ``npbptt.bptt.step_losses_reference``."""
+    if not supports(net):
+        return _reference("step_losses")(net, x, y, S, loss)
+    T, B = x.shape[:2]
+    H, O = net.hidden_size, net.output_size
+    W = net.params["decoder.weight"]
+
+    def rows(r0, r1):
+        Bc = r1 - r0
+        xc, yc, Sc = _rows(x, r0, r1), _rows(y, r0, r1), tuple(s[:, r0:r1] for s in S)
+        Tb = _block_steps(net, Bc, O)
+        ell_sum = np.empty(T, net.dtype)
+        for a in range(0, T, Tb):
+            b = min(a + Tb, T)
+            layers, Sc = _forward(net, xc[a:b], Sc)
+            out = _ws().get("logits", ((b - a) * Bc, O), net.dtype)
+            np.matmul(layers[-1].Hs[1:].reshape(-1, H), W.T, out=out)
+            yi, yf = _targets(net, loss, yc[a:b])
+            ell = np.empty(out.shape[0], net.dtype)
+            _loss_rows(net, loss, out, yi, yf, 1.0, False, ell)
+            ell_sum[a:b] = ell.reshape(b - a, Bc).sum(axis=1)
+        return ell_sum, Sc
+
+    parts = _parallel(rows, _chunks(net, B))
+    L = (sum(p[0] for p in parts) / B).astype(np.float64)  # L_t = mean_b ell_t^(b)
+    return L, _combine_states([p[1] for p in parts])
+
+
+def grad_norms(net, x, y, S, loss):
+    """phi (T, B), phi[k, b] = ||d ell_T^(b) / d S_{T-k}|| (Eq. 18) by BPTT(T-1, 1); must equal
+    ``npbptt.probe.grad_norms_reference``."""
+    if not supports(net):
+        return _reference("grad_norms")(net, x, y, S, loss)
+    T, B = x.shape[:2]
+    H = net.hidden_size
+
+    def rows(r0, r1):
+        Bc = r1 - r0
+        xc = _rows(x, r0, r1)
+        layers, _ = _forward(net, xc, tuple(s[:, r0:r1] for s in S))
+        dH = _ws().get("dH", (T, Bc, H), net.dtype)
+        dH[:T - 1] = 0
+        # b_0 = d ell_T / dS_T: the read-out's gradient at the last step, not divided by B
+        _readout_backward(net, layers[-1].Hs[T:], _rows(y[T - 1:], r0, r1), loss, 1.0, dH[T - 1:])
+        sq = np.zeros((T, Bc), net.dtype)                # sq[t] = ||b for S_t||^2, S_t after step t
+        sq[T - 1] = (dH[T - 1] * dH[T - 1]).sum(axis=1)
+        _backward(net, xc, layers, dH, 1, sq)            # Eq. (16) with K2 = 1: no more losses
+        return sq
+
+    sq = np.concatenate(_parallel(rows, _chunks(net, B)), axis=1)
+    return np.sqrt(sq[::-1]).astype(np.float64)          # phi[k] for S_{T-k}: k = T-1-t
+
+
+def warmup(dtypes=(np.float64, np.float32)):
+    """Compile (or load from numba's cache) every CPU kernel for ``dtypes`` on a tiny problem."""
+    from npbptt.model import LSTM, RNN
+    rng = np.random.default_rng(0)
+    for dt in dtypes:
+        for net in (LSTM(2, 2, 1, 3, vocab_size=3, dtype=dt, seed=0),
+                    RNN(2, 2, 1, 3, dtype=dt, seed=0)):
+            B = 2 * _MIN_ROWS_PER_CHUNK
+            x = rng.integers(0, 3, (3, B)) if net.embedding else rng.standard_normal((3, B, 2)).astype(dt)
+            S = net.to_internal(net.init_state(B))
+            for loss, y in (("cross_entropy", rng.integers(0, 3, (3, B))),
+                            ("mse", rng.standard_normal((3, B, 3)).astype(dt))):
+                bptt(net, x, y, S, 2, 2, loss)
+                step_losses(net, x, y, S, loss)
+                grad_norms(net, x, y, S, loss)

@@ -1,0 +1,264 @@
+"""The Numba CPU kernels (npbptt.kernels.cpu) equal the NumPy references they name:
+bptt_reference, step_losses_reference and grad_norms_reference.
+
+float64: to 1e-12 relative to the max-abs of each output array.  float32: the kernel's error
+against the float64 reference (run on the same float32-rounded parameters and inputs) is at most
+twice the float32 reference's own error, both measured as the relative 2-norm error of the whole
+output (all gradient arrays together); an error below float32's epsilon counts as epsilon (a
+result cannot be meaningfully closer than one rounding of its largest entries).
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from threadpoolctl import threadpool_info
+
+import npbptt
+from npbptt import backends
+from npbptt.bptt import bptt_reference, step_losses_reference
+from npbptt.kernels import cpu
+from npbptt.model import RNN
+from npbptt.probe import grad_norms_reference
+from npbptt.validate import check_inputs
+from problems import make_problem
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@st.composite
+def kernel_problems(draw, max_T=9):
+    """Problems over every supported configuration: cells, activations, 1-3 layers, embedding
+    (small and large vocabularies, i.e. both layer-0 paths) or dense input, biases or not, both
+    losses, batch 1..65, odd sizes; and a valid (K1, K2)."""
+    kind = draw(st.sampled_from(["lstm", "rnn"]))
+    act = draw(st.sampled_from(["tanh", "relu", "sigmoid", "linear"])) if kind == "rnn" else "tanh"
+    T = draw(st.integers(1, max_T))
+    B = draw(st.integers(1, 65))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    prob = make_problem(rng, kind=kind, activation=act, layers=draw(st.integers(1, 3)),
+                        embedding=draw(st.booleans()),
+                        loss=draw(st.sampled_from(["cross_entropy", "mse"])), T=T, B=B,
+                        H=draw(st.integers(1, 9)), E=draw(st.integers(1, 5)),
+                        O=draw(st.integers(2, 6)), V=draw(st.sampled_from([2, 7, 300])),
+                        bias=draw(st.booleans()), scale=draw(st.sampled_from([0.5, 1.0, 2.5])))
+    K1 = draw(st.integers(0, T + 1))
+    K2 = draw(st.integers(1, min(T, K1 + 1)))
+    return prob, K1, K2
+
+
+def _validated(prob):
+    return check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
+
+
+def _assert_close64(ref, got, what):
+    """Every array of ``ref`` equals ``got`` to 1e-12 relative to its own max-abs."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    assert got.shape == ref.shape, what
+    scale = np.abs(ref).max() if ref.size else 0.0
+    assert np.abs(got - ref).max(initial=0.0) <= 1e-12 * scale, (what, np.abs(got - ref).max(), scale)
+
+
+def _bptt_both(prob, K1, K2):
+    x, y, S = _validated(prob)
+    ref = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss)
+    got = cpu.bptt(prob.net, x, y, S, K1, K2, prob.loss)
+    return ref, got
+
+
+@settings(max_examples=80, deadline=None)
+@given(kernel_problems())
+def test_bptt_kernel_equals_reference_float64(case):
+    prob, K1, K2 = case
+    (l_ref, g_ref, S_ref), (l_got, g_got, S_got) = _bptt_both(prob, K1, K2)
+    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
+    assert list(g_got) == list(g_ref)
+    for n in g_ref:
+        assert g_got[n].dtype == g_ref[n].dtype == np.float64
+        _assert_close64(g_ref[n], g_got[n], n)
+    for a, b in zip(S_ref, S_got):
+        _assert_close64(a, b, "state")
+
+
+@settings(max_examples=30, deadline=None)
+@given(kernel_problems(max_T=12))
+def test_step_losses_kernel_equals_reference_float64(case):
+    prob, _, _ = case
+    x, y, S = _validated(prob)
+    L_ref, S_ref = step_losses_reference(prob.net, x, y, S, prob.loss)
+    L_got, S_got = cpu.step_losses(prob.net, x, y, S, prob.loss)
+    _assert_close64(L_ref, L_got, "L")
+    for a, b in zip(S_ref, S_got):
+        _assert_close64(a, b, "state")
+
+
+@settings(max_examples=30, deadline=None)
+@given(kernel_problems(max_T=12))
+def test_grad_norms_kernel_equals_reference_float64(case):
+    prob, _, _ = case
+    x, y, S = _validated(prob)
+    phi_ref = grad_norms_reference(prob.net, x, y, S, prob.loss)
+    phi_got = cpu.grad_norms(prob.net, x, y, S, prob.loss)
+    assert phi_got.dtype == np.float64
+    _assert_close64(phi_ref, phi_got, "phi")
+
+
+# --- float32 ------------------------------------------------------------------------------------
+def _as_float32(prob):
+    """(float32 problem, float64 problem with exactly the float32-rounded values)."""
+    def cast(net, dt):
+        new = net.copy()
+        new.dtype = np.dtype(dt)
+        new.params = {k: v.astype(np.float32).astype(dt) for k, v in net.params.items()}
+        return new
+
+    def vals(a, dt):
+        return a if np.issubdtype(np.asarray(a).dtype, np.integer) else np.asarray(a).astype(np.float32).astype(dt)
+
+    out = []
+    for dt in (np.float32, np.float64):
+        state = tuple(vals(s, dt) for s in prob.state) if prob.net.kind == "lstm" else vals(prob.state, dt)
+        p = type(prob)(cast(prob.net, dt), vals(prob.x, dt), vals(prob.y, dt), state, prob.loss)
+        out.append(p)
+    return out
+
+
+def _rel_err(arrays, exact):
+    """Relative 2-norm error of the concatenation of ``arrays`` against ``exact``."""
+    a = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in arrays])
+    e = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in exact])
+    return np.linalg.norm(a - e) / max(np.linalg.norm(e), np.finfo(np.float64).tiny)
+
+
+def _assert_float32_as_good(ref32, got32, exact, what):
+    e_ref, e_got = _rel_err(ref32, exact), _rel_err(got32, exact)
+    assert e_got <= 2 * max(e_ref, EPS32), (what, e_got, e_ref)
+
+
+@settings(max_examples=50, deadline=None)
+@given(kernel_problems())
+def test_float32_kernels_error_at_most_twice_the_float32_references(case):
+    prob, K1, K2 = case
+    p32, p64 = _as_float32(prob)
+    x, y, S = _validated(p32)
+    x64, y64, S64 = _validated(p64)
+    loss = prob.loss
+    # bptt
+    l64, g64, _ = bptt_reference(p64.net, x64, y64, S64, K1, K2, loss)
+    lr, gr, _ = bptt_reference(p32.net, x, y, S, K1, K2, loss)
+    lk, gk, Sk = cpu.bptt(p32.net, x, y, S, K1, K2, loss)
+    assert all(v.dtype == np.float32 for v in gk.values()) and all(s.dtype == np.float32 for s in Sk)
+    names = list(g64)
+    _assert_float32_as_good([gr[n] for n in names], [gk[n] for n in names], [g64[n] for n in names],
+                            "grads")
+    _assert_float32_as_good([lr], [lk], [l64], "loss")
+    # step losses and final state
+    L64, S64_T = step_losses_reference(p64.net, x64, y64, S64, loss)
+    Lr, Sr_T = step_losses_reference(p32.net, x, y, S, loss)
+    Lk, Sk_T = cpu.step_losses(p32.net, x, y, S, loss)
+    _assert_float32_as_good([Lr], [Lk], [L64], "step losses")
+    _assert_float32_as_good(Sr_T, Sk_T, S64_T, "state")
+    # probe
+    phi64 = grad_norms_reference(p64.net, x64, y64, S64, loss)
+    _assert_float32_as_good([grad_norms_reference(p32.net, x, y, S, loss)],
+                            [cpu.grad_norms(p32.net, x, y, S, loss)], [phi64], "phi")
+
+
+# --- the large-problem code paths on small problems -----------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(kernel_problems(max_T=9))
+def test_blocked_paths_equal_reference(case):
+    """With tiny memory blocks (read-out blocks of one step, step groups in the weight-gradient
+    GEMMs, forward blocks in step_losses and in the steps before the window) and up to five
+    uneven batch chunks (more chunks than pool threads), the kernels still equal the references."""
+    prob, K1, K2 = case
+
+    def five_chunks(net, B):
+        cuts = sorted({0, B, *(B * c * c // 25 for c in range(1, 5))})
+        return list(zip(cuts[:-1], cuts[1:]))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_BLOCK_ELEMENTS", 8)
+        mp.setattr(cpu, "_chunks", five_chunks)
+        (l_ref, g_ref, S_ref), (l_got, g_got, S_got) = _bptt_both(prob, K1, K2)
+        x, y, S = _validated(prob)
+        L_ref, _ = step_losses_reference(prob.net, x, y, S, prob.loss)
+        L_got, _ = cpu.step_losses(prob.net, x, y, S, prob.loss)
+        phi_got = cpu.grad_norms(prob.net, x, y, S, prob.loss)
+    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
+    for n in g_ref:
+        _assert_close64(g_ref[n], g_got[n], n)
+    _assert_close64(L_ref, L_got, "L")
+    _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss), phi_got, "phi")
+
+
+def test_workspace_reuse_does_not_leak_between_calls():
+    """Results of one call are not overwritten by a later call that reuses the scratch buffers."""
+    rng = np.random.default_rng(11)
+    p1 = make_problem(rng, kind="lstm", layers=2, T=6, B=20, H=5)
+    p2 = make_problem(rng, kind="lstm", layers=2, T=6, B=20, H=5)
+    first = _bptt_both(p1, 5, 3)[1]
+    kept = ({k: v.copy() for k, v in first[1].items()}, tuple(s.copy() for s in first[2]))
+    _bptt_both(p2, 5, 3)
+    for n in kept[0]:
+        np.testing.assert_array_equal(first[1][n], kept[0][n])
+    for a, b in zip(first[2], kept[1]):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- dispatch -------------------------------------------------------------------------------------
+class _ShiftedRNN(RNN):
+    """An RNN whose step differs from the stock one (it adds 1 to the state): the kernels must not
+    run it as a plain RNN."""
+
+    def step(self, S_prev, x_t):
+        S, cache = super().step(S_prev, x_t)
+        return tuple(s + 1.0 for s in S), cache
+
+
+def test_networks_with_their_own_step_run_the_reference():
+    rng = np.random.default_rng(2)
+    prob = make_problem(rng, kind="rnn", layers=2, T=5, B=16, H=4)
+    net = _ShiftedRNN(3, 4, 2, 5, vocab_size=7, seed=1)
+    net.params = prob.net.params
+    assert not cpu.supports(net) and cpu.supports(prob.net)
+    x, y, S = check_inputs(net, prob.x, prob.y, prob.state, prob.loss)
+    ref = bptt_reference(net, x, y, S, 4, 2, prob.loss)
+    got = npbptt.bptt(net, prob.x, prob.y, prob.state, 4, 2, prob.loss, backend="numba")
+    plain = cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)
+    assert got.loss == ref[0] != plain[0]
+    np.testing.assert_array_equal(got.state, ref[2][0])
+    np.testing.assert_array_equal(cpu.grad_norms(net, x, y, S, prob.loss),
+                                  grad_norms_reference(net, x, y, S, prob.loss))
+
+
+def test_default_backend_is_numba_and_public_entry_points_use_it():
+    assert backends.default_backend() == "numba"
+    assert backends.resolve("bptt", None, None) is cpu.bptt
+    assert backends.resolve("grad_norms", "numba", None) is cpu.grad_norms
+    prob = make_problem(np.random.default_rng(4), kind="lstm", layers=2, T=6, B=3)
+    a = npbptt.bptt(prob.net, prob.x, prob.y, prob.state, 4, 2, prob.loss)
+    b = npbptt.bptt(prob.net, prob.x, prob.y, prob.state, 4, 2, prob.loss, backend="numpy")
+    for n in b.grads:
+        _assert_close64(b.grads[n], a.grads[n], n)
+
+
+def test_blas_thread_limits_are_restored_after_parallel_chunks():
+    prob = make_problem(np.random.default_rng(6), kind="lstm", layers=2, T=5, B=40, H=6)
+    x, y, S = _validated(prob)
+    cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)             # load every library first
+    before = [(d["filepath"], d["num_threads"]) for d in threadpool_info()]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_MIN_ROWS_PER_CHUNK", 1)
+        cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)
+        cpu.grad_norms(prob.net, x, y, S, prob.loss)
+    assert [(d["filepath"], d["num_threads"]) for d in threadpool_info()] == before
+
+
+def test_kernel_errors_inside_a_chunk_thread_propagate():
+    """An exception in a worker chunk reaches the caller (nothing is silently skipped)."""
+    def boom(r0, r1):
+        if r0 > 0:
+            raise RuntimeError("chunk failed")
+        return r1
+    assert cpu._parallel(boom, [(0, 5)]) == [5]
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        cpu._parallel(boom, [(0, 5), (5, 10)])
