@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=["npbptt", "npbptt.kernels"],
     package_dir={"npbptt": "npbptt", "npbptt.kernels": "kernels"},
-    install_requires=["numpy>=2", "numba>=0.60", "scipy", "tqdm", "joblib", "threadpoolctl",
+    install_requires=["numpy>=2", "numba>=0.60", "scipy", "tqdm", "joblib>=1.4", "threadpoolctl",
                       "matplotlib"],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-xdist"],

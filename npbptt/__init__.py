@@ -7,8 +7,14 @@ from .backends import available as available_backends, default_backend
 from .bptt import BPTTResult, bptt, step_losses, stream, vjp_params, vjp_state
 from .model import LSTM, RNN
 from .probe import Probe, grad_norms, probe
+from .interop import from_jax, from_torch, to_jax, to_torch
+from .crosscheck import CrossCheckReport, crosscheck
+from .train import Diverged, TrainConfig, TrainResult, train_copy   # npbptt.train.train: the loop
+from .variants import ResettingRNN                                   # Theorem 1: npbptt.theory
 
 __version__ = "0.1.0"
 
 __all__ = ["RNN", "LSTM", "bptt", "BPTTResult", "stream", "step_losses", "vjp_state",
-           "vjp_params", "available_backends", "default_backend", "grad_norms", "probe", "Probe"]
+           "vjp_params", "available_backends", "default_backend", "grad_norms", "probe", "Probe",
+           "from_torch", "to_torch", "from_jax", "to_jax", "crosscheck", "CrossCheckReport",
+           "train_copy", "TrainConfig", "TrainResult", "Diverged", "ResettingRNN"]

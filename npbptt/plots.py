@@ -1,0 +1,286 @@
+"""Tables and figures of training runs (PNG, matplotlib's Agg backend).
+
+* Table C.1 -- best validation PPL and the test PPL at it, mean (standard deviation) over seeds;
+* Figure 1  -- test PPL (at the best validation PPL so far) against data passes, kappa_hat (the
+  K in use) against epoch, and the measured relative bias delta_hat(K) against epoch;
+* Figure C.1 -- validation PPL and its running minimum against data passes;
+* Figure 3  -- the gradient norms phi_k against lag k at the best parameters (log scale): the
+  minibatch mean P_S[phi_k] (Eq. 20) and single draws.
+
+A run is a directory written by :func:`npbptt.train.train` (``config.json``, ``metrics.csv``,
+``phi_best.npz``); a sweep directory holds runs one level down.
+"""
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import load_checkpoint, read_csv, read_json
+
+__all__ = ["Run", "collect_runs", "group_runs", "summarize_runs", "format_table_c1",
+           "figure1", "figure_c1", "figure3", "plot_all"]
+
+
+@dataclass
+class Run:
+    """One run directory: ``config`` (config.json), ``metrics`` (rows of metrics.csv)."""
+    path: Path
+    config: dict
+    metrics: list = field(default_factory=list)
+
+    @property
+    def train(self):
+        return self.config["train"]
+
+    @property
+    def adaptive(self):
+        return self.train.get("delta") is not None
+
+    @property
+    def label(self):
+        return f"δ = {self.train['delta']:g}" if self.adaptive else f"K = {self.train['K']}"
+
+    @property
+    def sort_key(self):
+        return (1, -self.train["delta"]) if self.adaptive else (0, self.train["K"])
+
+    @property
+    def task(self):
+        info = self.config.get("info", {})
+        return info.get("name") or info.get("task") or "run"
+
+    @property
+    def diverged(self):
+        return (self.path / "DIVERGED").is_file()
+
+    def best(self):
+        """The metrics row with the lowest validation PPL (None without rows)."""
+        return min(self.metrics, key=lambda r: r["valid_ppl"]) if self.metrics else None
+
+
+def _is_run(d):
+    return (d / "config.json").is_file() and (d / "metrics.csv").is_file()
+
+
+def collect_runs(dirs):
+    """The runs in ``dirs``: each a run directory, or a sweep directory with runs one level down."""
+    runs = []
+    for d in map(Path, dirs):
+        cands = [d] if _is_run(d) else sorted(p for p in d.iterdir() if p.is_dir() and _is_run(p))
+        for p in cands:
+            runs.append(Run(p, read_json(p / "config.json"), read_csv(p / "metrics.csv")))
+    return runs
+
+
+def group_runs(runs):
+    """{task: {label: [runs over seeds]}}, tasks in order met, labels fixed K then delta desc."""
+    out = {}
+    for r in sorted(runs, key=lambda r: r.sort_key):
+        out.setdefault(r.task, {}).setdefault(r.label, []).append(r)
+    return out
+
+
+def _mean_std(v):
+    """Mean and sample standard deviation, None/NaN left out; inf (a delta_hat with beta_hat >= 1)
+    kept, so that the mean is inf."""
+    v = np.asarray([x for x in v if x is not None and not math.isnan(x)], dtype=float)
+    if v.size == 0:
+        return math.nan, math.nan
+    with np.errstate(invalid="ignore"):
+        return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
+
+
+def summarize_runs(runs):
+    """Rows of Table C.1: per task and setting, over seeds, the best validation PPL and the test
+    PPL at it (mean, sample std), the data passes at it, how many runs were still improving (best
+    = last epoch), epochs run, final K and delta_hat."""
+    rows = []
+    for task, groups in group_runs(runs).items():
+        for label, rs in groups.items():
+            bests = [r.best() for r in rs if r.metrics]
+            rows.append({
+                "task": task, "setting": label, "runs": len(rs),
+                "diverged": sum(r.diverged for r in rs),
+                "epochs": _mean_std([len(r.metrics) for r in rs])[0],
+                "valid_ppl": _mean_std([b["valid_ppl"] for b in bests]),
+                "test_ppl": _mean_std([b["test_ppl"] for b in bests]),
+                "passes_at_best": _mean_std([b["data_passes"] for b in bests])[0],
+                "best_is_last": sum(1 for r in rs if r.metrics and r.best() is r.metrics[-1]),
+                "K_final": _mean_std([r.metrics[-1]["K"] for r in rs if r.metrics])[0],
+                "delta_hat_final": _mean_std([r.metrics[-1]["delta_hat"] for r in rs if r.metrics])[0],
+            })
+    return rows
+
+
+def _ms(m_s, nd=3):
+    m, s = m_s
+    if math.isnan(m):
+        return "-"
+    return f"{m:.{nd}f}" + (f" ({s:.{nd}f})" if not math.isnan(s) else "")
+
+
+def _num(v, nd):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def format_table_c1(rows):
+    """Markdown Table C.1: one table per task; PPL as mean (standard deviation over seeds)."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        out += [f"**{task}**", "",
+                "| setting | runs | epochs | Valid PPL | Test PPL | data passes at best | final K | final δ̂ |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if r["task"] != task:
+                continue
+            runs = f"{r['runs']}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+            out.append(f"| {r['setting']} | {runs} | {_num(r['epochs'], 0)} | {_ms(r['valid_ppl'])} | "
+                       f"{_ms(r['test_ppl'])} | {_num(r['passes_at_best'], 2)} | "
+                       f"{_num(r['K_final'], 1)} | {_num(r['delta_hat_final'], 3)} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+# --- figures -----------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _series(rs, key):
+    """Mean over seeds of metrics[key] (as floats), truncated to the shortest run; x = epochs."""
+    n = min(len(r.metrics) for r in rs)
+    if n == 0:
+        return None
+    a = np.array([[np.nan if r.metrics[i][key] is None else float(r.metrics[i][key])
+                   for i in range(n)] for r in rs])
+    with warnings.catch_warnings():                 # an epoch where every seed has inf/NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.where(np.isfinite(a), a, np.nan), axis=0) if a.size else None
+
+
+def _style(rs, i_fixed, i_adapt):
+    if rs[0].adaptive:
+        shades = ("black", "dimgray", "darkgray", "silver")
+        return dict(color=shades[i_adapt % len(shades)], linestyle="-", linewidth=2.0,
+                    marker="os^v"[i_adapt % 4], markersize=3)
+    return dict(color=f"C{i_fixed % 10}", linestyle="--", linewidth=1.5)
+
+
+def _each_group(groups):
+    i_fixed = i_adapt = 0
+    for label, rs in groups.items():
+        yield label, rs, _style(rs, i_fixed, i_adapt)
+        if rs[0].adaptive:
+            i_adapt += 1
+        else:
+            i_fixed += 1
+
+
+def figure1(runs, path):
+    """Figure 1: per task a row of (test PPL at best valid vs data passes, kappa_hat vs epoch,
+    delta_hat vs epoch).  Lines: mean over seeds; the band on delta_hat is the mean of the
+    2.5-97.5 percentiles over the per-epoch probes."""
+    plt = _plt()
+    tasks = group_runs(runs)
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(15, 4 * len(tasks)), squeeze=False)
+    for row, (task, groups) in zip(axes, tasks.items()):
+        top, low = 0.0, math.inf
+        for label, rs, st in _each_group(groups):
+            passes, ep = _series(rs, "data_passes"), _series(rs, "epoch")
+            if passes is None:
+                continue
+            ppl = _series(rs, "test_ppl_at_best")
+            row[0].plot(passes, ppl, label=label, **st)
+            top = max(top, np.nanmax(ppl[1:] if len(ppl) > 1 else ppl))  # not the first epoch's
+            row[1].plot(ep, _series(rs, "K_mean"), label=label, **st)
+            d = _series(rs, "delta_hat")
+            if np.any(d > 0):
+                low = min(low, np.nanmin(d[d > 0]))
+            row[2].plot(ep, d, label=label, **st)
+            lo, hi = _series(rs, "delta_hat_lo"), _series(rs, "delta_hat_hi")
+            if rs[0].adaptive:
+                row[2].fill_between(ep, lo, hi, color=st["color"], alpha=0.12, linewidth=0)
+                row[2].axhline(rs[0].train["delta"], color=st["color"], linestyle=":", linewidth=1)
+        row[0].set(xlabel="data passes (epochs, probes included)", ylabel="test PPL at best valid PPL",
+                   title=f"{task}: test PPL")
+        if top > 0:
+            row[0].set_ylim(0.98, 1.05 * top)             # perplexities are >= 1
+        if math.isfinite(low):
+            row[2].set_ylim(bottom=max(low, 1e-4))
+        row[1].set(xlabel="epoch", ylabel=r"K  ($\hat\kappa(\delta, \theta_n)$ when adaptive)", title=f"{task}: truncation K")
+        row[2].set(xlabel="epoch", ylabel=r"$\hat\delta(K)$  (Eq. 24)", yscale="log",
+                   title=f"{task}: estimated relative bias")
+        for ax in row:
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def figure_c1(runs, path):
+    """Figure C.1: validation PPL and its running minimum ('best') against data passes."""
+    plt = _plt()
+    tasks = group_runs(runs)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
+    for row, (task, groups) in zip(axes, tasks.items()):
+        for label, rs, st in _each_group(groups):
+            passes = _series(rs, "data_passes")
+            if passes is None:
+                continue
+            row[0].plot(passes, _series(rs, "valid_ppl"), label=label, **st)
+            row[1].plot(passes, _series(rs, "best_valid_ppl"), label=label, **st)
+        row[0].set(xlabel="data passes", ylabel="valid PPL", title=f"{task}: valid PPL")
+        row[1].set(xlabel="data passes", ylabel="best valid PPL", title=f"{task}: 'best' valid PPL")
+        for ax in row:
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def figure3(runs, path):
+    """Figure 3: phi_k against k (log scale) at the best parameters of each task's best run
+    (lowest validation PPL): the mean P_S[phi_k] (Eq. 20, blue) and the single draws (gray)."""
+    plt = _plt()
+    panels = []
+    for task, groups in group_runs(runs).items():
+        cands = [r for rs in groups.values() for r in rs if r.metrics and (r.path / "phi_best.npz").is_file()]
+        if cands:
+            panels.append((task, min(cands, key=lambda r: r.best()["valid_ppl"])))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (task, run) in zip(axes[0], panels):
+        phi = load_checkpoint(run.path / "phi_best.npz")[0]["phi"]
+        k = np.arange(phi.shape[0])
+        draws = np.where(phi > 0, phi, np.nan)
+        ax.plot(k, draws, color="gray", alpha=0.15, linewidth=0.7)
+        ax.plot([], [], color="gray", label="single draws")
+        mean = phi.mean(axis=1)                                       # Eq. (20)
+        ax.plot(k, np.where(mean > 0, mean, np.nan), color="C0", linewidth=2.5, label=r"mean $\hat P_S[\phi_k]$ (Eq. 20)")
+        best = run.best()
+        ax.set(yscale="log", xlabel="lag k", ylabel=r"$\phi_k = \|\partial \ell_s / \partial S_{s-k}\|$",
+               title=f"{task}: {run.label}, epoch {best['epoch']} (valid PPL {best['valid_ppl']:.3f})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_all(runs, out):
+    """Write figure1.png, figure_c1.png and figure3.png into ``out``; returns the paths."""
+    out = Path(out)
+    paths = [figure1(runs, out / "figure1.png"), figure_c1(runs, out / "figure_c1.png"),
+             figure3(runs, out / "figure3.png")]
+    return [p for p in paths if p is not None]
