@@ -271,7 +271,7 @@ def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
     out  : (N, O) on entry h W_dec^T (the bias is added here); on exit, when ``want_grad``,
            ``scale * d ell / d out`` (else the logits)
     yi   : (N,) int targets (cross-entropy) ;  yf : (N, O) targets (mse)
-    ell  : (N,) <- per-example losses
+    ell  : (N,) float64 <- per-example losses (accumulated in float64 for any dtype)
     """
     O = out.shape[1]
     one = out.dtype.type(1)
@@ -290,14 +290,14 @@ def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
                 se += e
                 if want_grad:
                     z[o] = e
-            ell[r] = math.log(se) - zy                        # logsumexp(z) - z_y
+            ell[r] = math.log(np.float64(se)) - np.float64(zy)  # logsumexp(z) - z_y, in float64
             if want_grad:
                 yr = yi[r]
                 for o in range(O):                            # d ell/dz = softmax(z) - onehot(y),
                     v = z[o] / se                             # scaled after the subtraction
                     z[o] = (v - one if o == yr else v) * scale
         else:
-            s = z.dtype.type(0)
+            s = 0.0                                           # accumulated in float64
             two = z.dtype.type(2 * scale / O)
             for o in range(O):
                 d = z[o] - yf[r, o]

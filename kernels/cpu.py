@@ -366,7 +366,7 @@ def _readout_backward(net, Htop, y, loss, scale, dH, grads=None):
     K, B, H = Htop.shape
     O = W.shape[0]
     yi, yf = _targets(net, loss, y)
-    ell = np.empty((K, B), dt)
+    ell = np.empty((K, B), np.float64)                   # losses accumulated in float64
     if grads is not None:
         dW = grads["decoder.weight"] = _grad_buffer("decoder.weight", W)
         db = grads["decoder.bias"] = _grad_buffer("decoder.bias", net.params["decoder.bias"])
@@ -486,14 +486,14 @@ def step_losses(net, x, y, S, loss):
         Bc = r1 - r0
         xc, yc, Sc = _rows(x, r0, r1), _rows(y, r0, r1), tuple(s[:, r0:r1] for s in S)
         Tb = _block_steps(net, Bc, O)
-        ell_sum = np.empty(T, net.dtype)
+        ell_sum = np.empty(T, np.float64)
         for a in range(0, T, Tb):
             b = min(a + Tb, T)
             layers, Sc = _forward(net, xc[a:b], Sc)
             out = _ws().get("logits", ((b - a) * Bc, O), net.dtype)
             np.matmul(layers[-1].Hs[1:].reshape(-1, H), W.T, out=out)
             yi, yf = _targets(net, loss, yc[a:b])
-            ell = np.empty(out.shape[0], net.dtype)
+            ell = np.empty(out.shape[0], np.float64)
             _loss_rows(net, loss, out, yi, yf, 1.0, False, ell)
             ell_sum[a:b] = ell.reshape(b - a, Bc).sum(axis=1)
         return ell_sum, Sc

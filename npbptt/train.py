@@ -52,7 +52,7 @@ from .checkpoint import (load_checkpoint, read_csv, read_json, rng_from_state, r
                          save_checkpoint, write_csv, write_json)
 from .losses import LOSSES
 from .probe import grad_norms
-from .validate import check_inputs
+from .validate import check_inputs, is_int
 
 __all__ = ["TrainConfig", "TrainResult", "Diverged", "METRIC_COLUMNS", "train", "train_copy",
            "probe_phi", "sgd_step", "resume_run", "load_metrics", "format_metrics",
@@ -82,10 +82,6 @@ METRIC_COLUMNS = (
 )
 
 _RESUMABLE = ("epochs", "backend")      # the only settings a resumed run may change
-
-
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _is_real(v):
@@ -136,19 +132,19 @@ class TrainConfig:
         if (self.K is None) == (self.delta is None):
             raise ValueError("K, delta: give exactly one -- a fixed truncation K or a relative-bias "
                              f"tolerance delta for adaptive truncation; got K={self.K!r}, delta={self.delta!r}")
-        if self.K is not None and (not _is_int(self.K) or self.K < 1):
+        if self.K is not None and (not is_int(self.K) or self.K < 1):
             raise ValueError(f"K: expected an integer >= 1, got {self.K!r}")
         if self.delta is not None and (not _is_real(self.delta) or not 0 < self.delta < 1):
             raise ValueError(f"delta: expected a real number in (0, 1), got {self.delta!r}")
         for name, lo in (("epochs", 1), ("W", 1), ("burnin", 0), ("probes_per_epoch", 1),
                          ("delta_probes", 0), ("seed", 0)):
             v = getattr(self, name)
-            if not _is_int(v) or v < lo:
+            if not is_int(v) or v < lo:
                 raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
-        if not (_is_int(self.K_min) and _is_int(self.K_max) and 1 <= self.K_min <= self.K_max):
+        if not (is_int(self.K_min) and is_int(self.K_max) and 1 <= self.K_min <= self.K_max):
             raise ValueError(f"K_min, K_max: expected integers with 1 <= K_min <= K_max, "
                              f"got K_min={self.K_min!r}, K_max={self.K_max!r}")
-        if self.K0 is not None and (not _is_int(self.K0) or self.K0 < 1):
+        if self.K0 is not None and (not is_int(self.K0) or self.K0 < 1):
             raise ValueError(f"K0: expected None or an integer >= 1, got {self.K0!r}")
         if not _is_real(self.lr) or not 0 < self.lr < math.inf:
             raise ValueError(f"lr: expected a finite real number > 0, got {self.lr!r}")
@@ -156,7 +152,7 @@ class TrainConfig:
             raise ValueError(f"weight_decay: expected a finite real number >= 0, got {self.weight_decay!r}")
         if self.clip is not None and (not _is_real(self.clip) or not 0 < self.clip < math.inf):
             raise ValueError(f"clip: expected None or a finite real number > 0, got {self.clip!r}")
-        if self.tau_hat is not None and (not _is_int(self.tau_hat) or not 0 <= self.tau_hat < self.W):
+        if self.tau_hat is not None and (not is_int(self.tau_hat) or not 0 <= self.tau_hat < self.W):
             raise ValueError(f"tau_hat: expected None or an integer in [0, W) = [0, {self.W}), "
                              f"got {self.tau_hat!r}")
         if self.method not in ("max", "quantile", "ols"):
