@@ -31,7 +31,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 __all__ = ["ACT", "RNN", "LSTM", "XENT", "MSE", "forward_rows", "backward_rows", "loss_rows",
-           "scatter_add_rows"]
+           "sum_over_steps", "bias_sum", "scatter_add_rows"]
 
 ACT = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3}
 RNN, LSTM = 0, 1
@@ -158,6 +158,39 @@ def _activate_grad(act, a, one):
     return one
 
 
+def _make_gate():
+    sig64, sig32 = _F64[1], _F32[1]
+
+    def gate(z, is_tanh):
+        raise NotImplementedError
+
+    @overload(gate, jit_options=_ELEM)
+    def _ov(z, is_tanh):
+        """sigma(z), or tanh(z) = 2 sigma(2z) - 1 when ``is_tanh``: the LSTM's four gate
+        nonlinearities as one function, so that a single vectorised loop covers a whole row of
+        gates (short loops of H, one per gate, leave a scalar remainder each and cost twice as
+        much per element).  Evaluated in float64 and rounded once for float32; tanh this way is
+        within ~2e-16 absolute of the true value (relative accuracy is lost only below |z| ~ 1e-8,
+        where the value is negligible next to the other gates)."""
+        if isinstance(z, types.Float) and z.bitwidth == 64:
+            def impl(z, is_tanh):
+                s = sig64(z + z if is_tanh else z)
+                return s + s - 1.0 if is_tanh else s
+            return impl
+        if isinstance(z, types.Float) and z.bitwidth == 32:
+            def impl32(z, is_tanh):
+                z64 = np.float64(z)
+                s = sig32(z64 + z64 if is_tanh else z64)
+                return np.float32(s + s - 1.0 if is_tanh else s)
+            return impl32
+        return None
+
+    return gate
+
+
+_gate = _make_gate()
+
+
 # --- one layer over a chunk, rows r0:r1 of the batch --------------------------------------------
 @njit(**_JIT)
 def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
@@ -179,6 +212,9 @@ def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
     A = np.empty((r1 - r0, GH), P.dtype)
     use_tab = tok.shape[0] > 0
     nobias = np.zeros(GH, P.dtype)
+    H2, H3 = 2 * H, 3 * H
+    # Each loop below touches at most four arrays, so that LLVM vectorises it (with more, the
+    # run-time overlap checks it needs exceed its limit and the loop stays scalar: 3x slower).
     for t in range(T):
         np.dot(Hs[t, r0:r1], WhhT, A)                         # W_hh h_{t-1}
         for r in range(r1 - r0):
@@ -189,22 +225,27 @@ def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
             for j in range(GH):
                 a[j] += src[j] + bb[j]                        # + W_ih x_t + b_ih + b_hh
             if kind == LSTM:
-                c_prev, c, tc = Cs[t, b], Cs[t + 1, b], TC[t, b]
+                # i_t, f_t, o_t = sigma(W h_{t-1} + U x_t); z_t = tanh(W_z h_{t-1} + U_z x_t), as
+                # 2 sigma(2a) - 1 so that one loop covers the four gates (see _gate)
+                for j in range(GH):
+                    p[j] = _gate(a[j], (j >= H2) & (j < H3))
+                c_prev, c = Cs[t, b], Cs[t + 1, b]
                 for j in range(H):
-                    i = sigmoid(a[j])                         # i_t = sigma(W_i h_{t-1} + U_i x_t)
-                    f = sigmoid(a[H + j])                     # f_t = sigma(W_f h_{t-1} + U_f x_t)
-                    g = tanh(a[2 * H + j])                    # z_t = tanh(W_z h_{t-1} + U_z x_t)
-                    o = sigmoid(a[3 * H + j])                 # o_t = sigma(W_o h_{t-1} + U_o x_t)
-                    cj = i * g + f * c_prev[j]                # c_t = i_t o z_t + f_t o c_{t-1}
-                    tcj = tanh(cj)
-                    p[j], p[H + j], p[2 * H + j], p[3 * H + j] = i, f, g, o
-                    c[j], tc[j] = cj, tcj
-                    h[j] = o * tcj                            # h_t = o_t o tanh(c_t)
+                    c[j] = p[j] * p[2 * H + j] + p[H + j] * c_prev[j]  # c_t = i o z + f o c_{t-1}
             else:
+                for j in range(H):                            # h_t = rho(W_hh h_{t-1} + W_ih x_t + b)
+                    p[j] = _activate(act, a[j])
                 for j in range(H):
-                    v = _activate(act, a[j])                  # h_t = rho(W_hh h_{t-1} + W_ih x_t + b)
-                    p[j] = v
-                    h[j] = v
+                    h[j] = p[j]
+        if kind == LSTM:
+            c_all = Cs[t + 1, r0:r1].reshape(-1)              # all rows at once: one long loop
+            tc_all = TC[t, r0:r1].reshape(-1)
+            for j in range(c_all.shape[0]):
+                tc_all[j] = tanh(c_all[j])
+            for r in range(r1 - r0):
+                o, tc, h = P[t, r0 + r, 3 * H:], TC[t, r0 + r], Hs[t + 1, r0 + r]
+                for j in range(H):
+                    h[j] = o[j] * tc[j]                       # h_t = o_t o tanh(c_t)
 
 
 @njit(**_JIT)
@@ -231,24 +272,29 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
     dc_rec = np.zeros((R, H), D.dtype)                        # b_{t}, c part (LSTM)
     one = D.dtype.type(1)
     for t in range(T - 1, t_stop - 1, -1):
-        for r in range(R):
+        for r in range(R):                                    # (few arrays per loop: see forward_rows)
             b = r0 + r
-            d, de, dr = D[t, b], dHext[t, b], dh_rec[r]
+            d, de, dh = D[t, b], dHext[t, b], dh_rec[r]
+            for j in range(H):
+                dh[j] += de[j]                                # dh_t: from step t+1 and from above
             if kind == LSTM:
-                dcr, c_prev, tc = dc_rec[r], Cs[t, b], TC[t, b]
+                dc, c_prev, tc = dc_rec[r], Cs[t, b], TC[t, b]
+                for j in range(H):                            # dc_t, adding the path through
+                    dc[j] = dc[j] + dh[j] * d[3 * H + j] * (one - tc[j] * tc[j])  # h_t = o_t tanh(c_t)
                 for j in range(H):
-                    dh = dr[j] + de[j]                        # from step t+1 and from above
-                    i, f, g, o = d[j], d[H + j], d[2 * H + j], d[3 * H + j]
-                    tcj = tc[j]
-                    dc = dcr[j] + dh * o * (one - tcj * tcj)  # through h_t = o_t tanh(c_t)
-                    d[j] = dc * g * i * (one - i)             # d/d(pre-activation of i)
-                    d[H + j] = dc * c_prev[j] * f * (one - f) # f
-                    d[2 * H + j] = dc * i * (one - g * g)     # g (z)
-                    d[3 * H + j] = dh * tcj * o * (one - o)   # o
-                    dcr[j] = dc * f                           # dc_{t-1} = dc_t f_t
+                    o = d[3 * H + j]
+                    d[3 * H + j] = dh[j] * tc[j] * o * (one - o)              # d/d(pre-act. of o)
+                for j in range(H):
+                    i, g = d[j], d[2 * H + j]
+                    d[j] = dc[j] * g * i * (one - i)                          # i
+                    d[2 * H + j] = dc[j] * i * (one - g * g)                  # g (z)
+                for j in range(H):
+                    f, dcj = d[H + j], dc[j]
+                    d[H + j] = dcj * c_prev[j] * f * (one - f)                # f
+                    dc[j] = dcj * f                                           # dc_{t-1} = dc_t f_t
             else:
                 for j in range(H):
-                    d[j] = (dr[j] + de[j]) * _activate_grad(act, d[j], one)   # dz = dh rho'(z)
+                    d[j] = dh[j] * _activate_grad(act, d[j], one)             # dz = dh rho'(z)
         if t > t_stop or want_sq:
             np.dot(D[t, r0:r1], Whh, dh_rec)                  # dh_{t-1} = da_t W_hh
             if want_sq and t >= 1:
@@ -263,6 +309,37 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
 
 
 # --- read-out losses -----------------------------------------------------------------------------
+@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+def _max4(v):
+    """max(v) with four interleaved partial maxima (exact: max does not round)."""
+    n = v.shape[0]
+    m0 = m1 = m2 = m3 = v[0]
+    for k in range(0, n - 3, 4):
+        m0 = max(m0, v[k])
+        m1 = max(m1, v[k + 1])
+        m2 = max(m2, v[k + 2])
+        m3 = max(m3, v[k + 3])
+    for k in range(n - n % 4, n):
+        m0 = max(m0, v[k])
+    return max(max(m0, m1), max(m2, m3))
+
+
+@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+def _sum64(v):
+    """sum(v) in float64 with four interleaved partial sums (a single running sum is bound by the
+    latency of one addition per element)."""
+    n = v.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    for k in range(0, n - 3, 4):
+        s0 += np.float64(v[k])
+        s1 += np.float64(v[k + 1])
+        s2 += np.float64(v[k + 2])
+        s3 += np.float64(v[k + 3])
+    for k in range(n - n % 4, n):
+        s0 += np.float64(v[k])
+    return (s0 + s1) + (s2 + s3)
+
+
 @njit(**_JIT)
 def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
     """Per-example losses of ``npbptt.losses`` on the read-out, rows r0:r1, fused with their
@@ -280,22 +357,20 @@ def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
         for o in range(O):
             z[o] += bias[o]
         if code == XENT:
-            m = z[0]
-            for o in range(1, O):
-                m = max(m, z[o])
+            m = _max4(z)
             zy = z[yi[r]] - m
-            se = z.dtype.type(0)
+            # separate passes, each vectorisable (a sum in the same loop would keep it scalar)
             for o in range(O):
-                e = exp_neg(z[o] - m)                         # exp(z - max z)
-                se += e
-                if want_grad:
-                    z[o] = e
-            ell[r] = math.log(np.float64(se)) - np.float64(zy)  # logsumexp(z) - z_y, in float64
-            if want_grad:
-                yr = yi[r]
-                for o in range(O):                            # d ell/dz = softmax(z) - onehot(y),
-                    v = z[o] / se                             # scaled after the subtraction
-                    z[o] = (v - one if o == yr else v) * scale
+                z[o] = exp_neg(z[o] - m)                      # exp(z - max z)
+            se = _sum64(z)                                    # sum_o exp(z - max z), in float64
+            ell[r] = math.log(se) - np.float64(zy)            # logsumexp(z) - z_y, in float64
+            if want_grad:                                     # d ell/dz = softmax(z) - onehot(y),
+                yr = yi[r]                                    # scaled after the subtraction
+                ey = z[yr]
+                sez = z.dtype.type(se)
+                for o in range(O):
+                    z[o] = (z[o] / sez) * scale
+                z[yr] = (ey / sez - one) * scale
         else:
             s = 0.0                                           # accumulated in float64
             two = z.dtype.type(2 * scale / O)
@@ -305,6 +380,46 @@ def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
                 if want_grad:
                     z[o] = two * d                            # d/dout mean_o (out - y)^2
             ell[r] = s / O
+
+
+# --- Eq. (15)'s sums over the steps ----------------------------------------------------------------
+@njit(**_JIT)
+def sum_over_steps(A, X, out, accumulate):
+    """out (=, or += when ``accumulate``) sum_t A[t]^T X[t] for A (T, B, m), X (T, B, n), out (m, n):
+    one GEMM over the batch per step, added from the last step to the first -- the order in which
+    ``npbptt.bptt.bptt_reference`` accumulates ``npbptt.cells._affine_vjp``'s dz^T x over k."""
+    T = A.shape[0]
+    tmp = np.empty_like(out)
+    for k in range(T):
+        t = T - 1 - k
+        if k == 0 and not accumulate:
+            np.dot(A[t].T, X[t], out)
+        else:
+            np.dot(A[t].T, X[t], tmp)
+            for i in range(out.shape[0]):
+                o, s = out[i], tmp[i]
+                for j in range(out.shape[1]):
+                    o[j] += s[j]
+
+
+@njit(**_JIT)
+def bias_sum(A, out, accumulate):
+    """out (=, or +=) sum_t sum_b A[t, b] for A (T, B, m): the sum over the batch at each step
+    (``dz.sum(axis=0)`` of ``npbptt.cells._affine_vjp``), added from the last step to the first."""
+    T, B, m = A.shape
+    tmp = np.empty(m, A.dtype)
+    if not accumulate:
+        out[:] = 0
+    for k in range(T):
+        a = A[T - 1 - k]
+        for j in range(m):
+            tmp[j] = a[0, j]
+        for b in range(1, B):
+            ab = a[b]
+            for j in range(m):
+                tmp[j] += ab[j]
+        for j in range(m):
+            out[j] += tmp[j]
 
 
 @njit(**_JIT)

@@ -41,6 +41,7 @@ The first call compiles the kernels (a few seconds per float type) and stores th
 on-disk cache; later processes load them (:func:`warmup` forces both).
 """
 import contextlib
+import math
 import threading
 
 import numba
@@ -97,12 +98,36 @@ def _get_controller():
         return _controller
 
 
+_blas_depth = 0                  # how many blas_single_thread regions are open (any thread)
+_blas_saved = []                 # [(threadpoolctl library controller, its thread count)]
+
+
 @contextlib.contextmanager
 def blas_single_thread():
     """Hold every loaded BLAS at one thread for the duration (inside a parallel region each
-    worker calls BLAS on its own chunk); the previous limits are restored on exit."""
-    with _get_controller().limit(limits=1, user_api="blas"):
+    worker calls BLAS on its own chunk); the previous limits are restored on exit, when the last
+    of any concurrently open regions closes.  Direct get/set calls on threadpoolctl's library
+    controllers: ``ThreadpoolController.limit`` re-queries every library and costs ~0.5 ms a call,
+    a tenth of a W1 step."""
+    global _blas_depth, _blas_saved
+    libs = _get_controller().select(user_api="blas").lib_controllers
+    with _controller_lock:
+        if _blas_depth == 0:
+            _blas_saved = [(lc, lc.get_num_threads()) for lc in libs]
+            for lc, n in _blas_saved:
+                if n != 1:
+                    lc.set_num_threads(1)
+        _blas_depth += 1
+    try:
         yield
+    finally:
+        with _controller_lock:
+            _blas_depth -= 1
+            if _blas_depth == 0:
+                for lc, n in _blas_saved:
+                    if n != 1:
+                        lc.set_num_threads(n)
+                _blas_saved = []
 
 
 def _chunks(net, B):
@@ -180,7 +205,7 @@ class _Workspace:
         self.bufs = {}
 
     def get(self, key, shape, dtype):
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         dtype = np.dtype(dtype)
         buf = self.bufs.get((key, dtype))
         if buf is None or buf.size < n:
@@ -324,17 +349,13 @@ def _grad_buffer(name, like):
 def _sum_over_steps(A, X, out, accumulate=False):
     """out (=, or += when ``accumulate``) sum_t A_t^T X_t for A (T, B, m), X (T, B, n): the sum over
     steps of Eq. (15), with the reference's summation structure (a GEMM over the batch at each
-    step, then a sum over the steps) so that float32 results have the reference's error, not that
-    of one long dot product.  Steps are grouped into one GEMM each only when the per-step products
-    would not fit in _BLOCK_ELEMENTS."""
+    step, accumulated from the last step to the first; see jit.sum_over_steps) so that float32
+    results have the reference's error, not that of one long dot product.  Steps are grouped into
+    one GEMM each only when the per-step products would not fit in _BLOCK_ELEMENTS (a large
+    read-out: adding a (m, n) product per step would cost more memory traffic than arithmetic)."""
     T, m, n = A.shape[0], A.shape[2], X.shape[2]
     if T * m * n <= _BLOCK_ELEMENTS:
-        parts = _ws().get("steps", (T, m, n), A.dtype)
-        np.matmul(A.transpose(0, 2, 1), X, out=parts)
-        if accumulate:
-            out += parts.sum(axis=0)
-        else:
-            parts.sum(axis=0, out=out)
+        jit.sum_over_steps(A, X, out, accumulate)
         return out
     s = -(-T // max(1, _BLOCK_ELEMENTS // (m * n)))    # steps per group
     tmp = _ws().get("group", (m, n), A.dtype)
@@ -348,12 +369,8 @@ def _sum_over_steps(A, X, out, accumulate=False):
 
 def _bias_sum(A, out, accumulate=False):
     """out (=, or +=) sum_t sum_b A[t, b] for A (T, B, m): over the batch at each step, then over
-    the steps."""
-    per_step = A.sum(axis=1)
-    if accumulate:
-        out += per_step.sum(axis=0)
-    else:
-        per_step.sum(axis=0, out=out)
+    the steps (see jit.bias_sum)."""
+    jit.bias_sum(A, out, accumulate)
     return out
 
 
@@ -417,9 +434,10 @@ def _layer_grads(net, l, p, L, x, DA, dX, t_stop, grads):
         name = lambda k: f"{k}_l{l}"
         grads[name("weight_hh")] = _sum_over_steps(
             DA, L.Hs[t_stop:T], _grad_buffer(name("weight_hh"), p["weight_hh"]))
-        if "bias_ih" in p:
-            for k in ("bias_ih", "bias_hh"):
-                grads[name(k)] = _bias_sum(DA, _grad_buffer(name(k), p[k]))
+        if "bias_ih" in p:                               # the same sum for both biases
+            db = grads[name("bias_ih")] = _bias_sum(DA, _grad_buffer(name("bias_ih"), p["bias_ih"]))
+            dbh = grads[name("bias_hh")] = _grad_buffer(name("bias_hh"), p["bias_hh"])
+            dbh[...] = db
         X = L.X
         if X is None:                                    # layer 0 went through the table
             X = _ws().get("X0", x.shape + (net.input_size,), net.dtype)
