@@ -279,19 +279,16 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
                 dh[j] += de[j]                                # dh_t: from step t+1 and from above
             if kind == LSTM:
                 dc, c_prev, tc = dc_rec[r], Cs[t, b], TC[t, b]
-                for j in range(H):                            # dc_t, adding the path through
-                    dc[j] = dc[j] + dh[j] * d[3 * H + j] * (one - tc[j] * tc[j])  # h_t = o_t tanh(c_t)
                 for j in range(H):
-                    o = d[3 * H + j]
-                    d[3 * H + j] = dh[j] * tc[j] * o * (one - o)              # d/d(pre-act. of o)
+                    o, tcj = d[3 * H + j], tc[j]
+                    dc[j] = dc[j] + dh[j] * o * (one - tcj * tcj)  # dc_t, adding h_t = o_t tanh(c_t)
+                    d[3 * H + j] = dh[j] * tcj * o * (one - o)      # d/d(pre-activation of o)
                 for j in range(H):
-                    i, g = d[j], d[2 * H + j]
-                    d[j] = dc[j] * g * i * (one - i)                          # i
-                    d[2 * H + j] = dc[j] * i * (one - g * g)                  # g (z)
-                for j in range(H):
-                    f, dcj = d[H + j], dc[j]
-                    d[H + j] = dcj * c_prev[j] * f * (one - f)                # f
-                    dc[j] = dcj * f                                           # dc_{t-1} = dc_t f_t
+                    i, f, g, dcj = d[j], d[H + j], d[2 * H + j], dc[j]
+                    d[j] = dcj * g * i * (one - i)                  # i
+                    d[H + j] = dcj * c_prev[j] * f * (one - f)      # f
+                    d[2 * H + j] = dcj * i * (one - g * g)          # g (z)
+                    dc[j] = dcj * f                                 # dc_{t-1} = dc_t f_t
             else:
                 for j in range(H):
                     d[j] = dh[j] * _activate_grad(act, d[j], one)             # dz = dh rho'(z)

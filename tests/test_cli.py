@@ -160,3 +160,24 @@ def test_console_script_exit_status_without_traceback():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip() == "npbptt train: error: --delta must lie strictly between 0 and 1, got 2.0"
+
+
+def test_sweep_on_a_dask_cluster_equals_the_local_sweep(capsys, tmp_path):
+    """--scheduler ADDRESS: the grid runs on a Dask cluster (a local one, worker processes) through
+    joblib's dask backend, and its runs are the runs of a local sweep (same seeds, same metrics)."""
+    distributed = pytest.importorskip("dask.distributed")
+    grid = ["--K", "2", "--delta", "0.5", "--seeds", "1", "--epochs", "2", *TINY]
+    code, _, err = run(capsys, "sweep", "copy", *grid, "--jobs", "1", "--out", str(tmp_path / "local"))
+    assert code == 0, err
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        code, stdout, err = run(capsys, "sweep", "copy", *grid, "--scheduler", cluster.scheduler_address,
+                                "--out", str(tmp_path / "dask"))
+        assert code == 0, err
+    assert "| K = 2 |" in stdout and (tmp_path / "dask" / "table_c1.md").is_file()
+    for name in ("K2-seed0", "delta0.5-seed0"):
+        here, there = (read_csv(tmp_path / d / name / "metrics.csv") for d in ("local", "dask"))
+        assert len(there) == 2
+        for a, b in zip(here, there):
+            for col in ("K", "train_loss", "valid_ppl", "test_ppl", "delta_hat"):
+                assert a[col] == b[col], (name, col)
