@@ -5,8 +5,8 @@ Everything numba compiles for the CPU lives in this one file, so that numba's on
 
 One layer of the stacked network runs over a whole chunk of T steps at a time (§2, stacked
 RNNs: layer l at every step only needs layer l-1's outputs), so the input projections
-``W_ih x_t + b`` of all steps and the weight gradients of all steps are single large GEMMs done by
-the caller in NumPy; only the recurrence itself is sequential and lives here:
+``W_ih x_t + b`` of all steps are single large GEMMs done by the caller in NumPy; the recurrence
+itself is sequential and lives here, with the sums over steps that need the reference's order:
 
 * :func:`forward_rows`   -- h_t = H(h_{t-1}, x_t) for rows r0:r1 of the batch (the cells of §2,
   ``npbptt.cells.rnn_step`` / ``lstm_step``), given P[t] = W_ih x_t + b;
@@ -14,14 +14,22 @@ the caller in NumPy; only the recurrence itself is sequential and lives here:
   gradients da_t of every step (``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp``) and, for the
   probe of Eq. (18), the squared norms of the state gradients b_k;
 * :func:`loss_rows`      -- the read-out losses of ``npbptt.losses`` and their gradients, fused;
+* :func:`sum_over_steps`, :func:`bias_sum` -- Eq. (15)'s sums over the steps of the parameter
+  gradients, one GEMM (or batch sum) per step added from the last step to the first, as
+  ``npbptt.bptt.bptt_reference`` adds them.
 
-Each works on a range of batch rows r0:r1 and releases the GIL (``nogil``): the examples of a
+Each of the first three works on a range of batch rows r0:r1 and releases the GIL (``nogil``): the examples of a
 batch never interact, so the caller runs chunks of rows on several threads for a whole sweep.
 
 Activations are passed as int codes (``ACT``) and the cell kind as ``kind`` (0 RNN, 1 LSTM), so
 each kernel is compiled once per float type.  exp, sigmoid and tanh use the vectorisable
 implementations below (numba has no vector libm without Intel's SVML): float64 to 1-2 ulp; for
 float32 they are evaluated in float64 and rounded once (within about half an ulp, like NumPy's).
+
+Speed rule for every inner loop here: it touches at most four arrays and holds no running sum, so
+that LLVM vectorises it (more arrays need more run-time overlap checks than LLVM allows, and a
+floating-point running sum cannot be reordered; either keeps the loop scalar, 3-5x slower).
+Reductions use several interleaved partial sums in float64 instead (``_sum64``, ``_sumsq64``).
 """
 import math
 
@@ -158,6 +166,53 @@ def _activate_grad(act, a, one):
     return one
 
 
+# --- reductions in float64 ---------------------------------------------------------------------
+@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+def _sumsq64(v):
+    """sum(v * v) in float64 with four interleaved partial sums (see _sum64)."""
+    n = v.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    for k in range(0, n - 3, 4):
+        s0 += np.float64(v[k]) * np.float64(v[k])
+        s1 += np.float64(v[k + 1]) * np.float64(v[k + 1])
+        s2 += np.float64(v[k + 2]) * np.float64(v[k + 2])
+        s3 += np.float64(v[k + 3]) * np.float64(v[k + 3])
+    for k in range(n - n % 4, n):
+        s0 += np.float64(v[k]) * np.float64(v[k])
+    return (s0 + s1) + (s2 + s3)
+
+
+@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+def _max4(v):
+    """max(v) with four interleaved partial maxima (exact: max does not round)."""
+    n = v.shape[0]
+    m0 = m1 = m2 = m3 = v[0]
+    for k in range(0, n - 3, 4):
+        m0 = max(m0, v[k])
+        m1 = max(m1, v[k + 1])
+        m2 = max(m2, v[k + 2])
+        m3 = max(m3, v[k + 3])
+    for k in range(n - n % 4, n):
+        m0 = max(m0, v[k])
+    return max(max(m0, m1), max(m2, m3))
+
+
+@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+def _sum64(v):
+    """sum(v) in float64 with four interleaved partial sums (a single running sum is bound by the
+    latency of one addition per element)."""
+    n = v.shape[0]
+    s0 = s1 = s2 = s3 = 0.0
+    for k in range(0, n - 3, 4):
+        s0 += np.float64(v[k])
+        s1 += np.float64(v[k + 1])
+        s2 += np.float64(v[k + 2])
+        s3 += np.float64(v[k + 3])
+    for k in range(n - n % 4, n):
+        s0 += np.float64(v[k])
+    return (s0 + s1) + (s2 + s3)
+
+
 def _make_gate():
     sig64, sig32 = _F64[1], _F32[1]
 
@@ -213,8 +268,7 @@ def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
     use_tab = tok.shape[0] > 0
     nobias = np.zeros(GH, P.dtype)
     H2, H3 = 2 * H, 3 * H
-    # Each loop below touches at most four arrays, so that LLVM vectorises it (with more, the
-    # run-time overlap checks it needs exceed its limit and the loop stays scalar: 3x slower).
+    # (each loop touches at most four arrays: see the module's speed rule)
     for t in range(T):
         np.dot(Hs[t, r0:r1], WhhT, A)                         # W_hh h_{t-1}
         for r in range(r1 - r0):
@@ -272,7 +326,7 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
     dc_rec = np.zeros((R, H), D.dtype)                        # b_{t}, c part (LSTM)
     one = D.dtype.type(1)
     for t in range(T - 1, t_stop - 1, -1):
-        for r in range(R):                                    # (few arrays per loop: see forward_rows)
+        for r in range(R):                                    # (the module's speed rule)
             b = r0 + r
             d, de, dh = D[t, b], dHext[t, b], dh_rec[r]
             for j in range(H):
@@ -296,47 +350,13 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
             np.dot(D[t, r0:r1], Whh, dh_rec)                  # dh_{t-1} = da_t W_hh
             if want_sq and t >= 1:
                 for r in range(R):
-                    s = D.dtype.type(0)
-                    for j in range(H):
-                        s += dh_rec[r, j] * dh_rec[r, j]
+                    s = _sumsq64(dh_rec[r])
                     if kind == LSTM:
-                        for j in range(H):
-                            s += dc_rec[r, j] * dc_rec[r, j]
+                        s += _sumsq64(dc_rec[r])
                     sq[t - 1, r0 + r] += s
 
 
 # --- read-out losses -----------------------------------------------------------------------------
-@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
-def _max4(v):
-    """max(v) with four interleaved partial maxima (exact: max does not round)."""
-    n = v.shape[0]
-    m0 = m1 = m2 = m3 = v[0]
-    for k in range(0, n - 3, 4):
-        m0 = max(m0, v[k])
-        m1 = max(m1, v[k + 1])
-        m2 = max(m2, v[k + 2])
-        m3 = max(m3, v[k + 3])
-    for k in range(n - n % 4, n):
-        m0 = max(m0, v[k])
-    return max(max(m0, m1), max(m2, m3))
-
-
-@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
-def _sum64(v):
-    """sum(v) in float64 with four interleaved partial sums (a single running sum is bound by the
-    latency of one addition per element)."""
-    n = v.shape[0]
-    s0 = s1 = s2 = s3 = 0.0
-    for k in range(0, n - 3, 4):
-        s0 += np.float64(v[k])
-        s1 += np.float64(v[k + 1])
-        s2 += np.float64(v[k + 2])
-        s3 += np.float64(v[k + 3])
-    for k in range(n - n % 4, n):
-        s0 += np.float64(v[k])
-    return (s0 + s1) + (s2 + s3)
-
-
 @njit(**_JIT)
 def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
     """Per-example losses of ``npbptt.losses`` on the read-out, rows r0:r1, fused with their

@@ -174,6 +174,8 @@ def test_sweep_on_a_dask_cluster_equals_the_local_sweep(capsys, tmp_path):
         code, stdout, err = run(capsys, "sweep", "copy", *grid, "--scheduler", cluster.scheduler_address,
                                 "--out", str(tmp_path / "dask"))
         assert code == 0, err
+        # the runs went through the cluster's scheduler (joblib names the tasks after the function)
+        assert any("_sweep_job" in name for name in cluster.scheduler.task_prefixes)
     assert "| K = 2 |" in stdout and (tmp_path / "dask" / "table_c1.md").is_file()
     for name in ("K2-seed0", "delta0.5-seed0"):
         here, there = (read_csv(tmp_path / d / name / "metrics.csv") for d in ("local", "dask"))
