@@ -259,6 +259,41 @@ def test_blas_thread_limits_are_restored_after_parallel_chunks():
     assert [(d["filepath"], d["num_threads"]) for d in threadpool_info()] == before
 
 
+def test_blas_single_thread_nests_and_survives_concurrent_callers():
+    """Inside the region every BLAS runs one thread, also when regions nest; the caller's limits
+    come back only when the last region closes, also with several Python threads calling the
+    kernels at once."""
+    import threading
+    prob = make_problem(np.random.default_rng(7), kind="lstm", layers=2, T=5, B=40, H=6)
+    x, y, S = _validated(prob)
+    cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)
+    blas = lambda: [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    before = [(d["filepath"], d["num_threads"]) for d in threadpool_info()]
+    with cpu.blas_single_thread():
+        with cpu.blas_single_thread():
+            assert blas() and all(n == 1 for n in blas())
+        assert all(n == 1 for n in blas())
+    assert [(d["filepath"], d["num_threads"]) for d in threadpool_info()] == before
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(10):
+                cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)
+        except Exception as e:          # noqa: BLE001
+            errors.append(e)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_MIN_ROWS_PER_CHUNK", 1)
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert [(d["filepath"], d["num_threads"]) for d in threadpool_info()] == before
+
+
 def test_kernel_errors_inside_a_chunk_thread_propagate():
     """An exception in a worker chunk reaches the caller (nothing is silently skipped)."""
     def boom(r0, r1):
