@@ -5,8 +5,8 @@ Everything numba compiles for the CPU lives in this one file, so that numba's on
 
 One layer of the stacked network runs over a whole chunk of T steps at a time (§2, stacked
 RNNs: layer l at every step only needs layer l-1's outputs), so the input projections
-``W_ih x_t + b`` of all steps are single large GEMMs done by the caller in NumPy; the recurrence
-itself is sequential and lives here, with the sums over steps that need the reference's order:
+``W_ih x_t + b`` of all steps and the weight gradients of all steps are GEMMs done by the caller
+in NumPy; only the recurrence itself is sequential and lives here:
 
 * :func:`forward_rows`   -- h_t = H(h_{t-1}, x_t) for rows r0:r1 of the batch (the cells of §2,
   ``npbptt.cells.rnn_step`` / ``lstm_step``), given P[t] = W_ih x_t + b;
@@ -14,11 +14,8 @@ itself is sequential and lives here, with the sums over steps that need the refe
   gradients da_t of every step (``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp``) and, for the
   probe of Eq. (18), the squared norms of the state gradients b_k;
 * :func:`loss_rows`      -- the read-out losses of ``npbptt.losses`` and their gradients, fused;
-* :func:`sum_over_steps`, :func:`bias_sum` -- Eq. (15)'s sums over the steps of the parameter
-  gradients, one GEMM (or batch sum) per step added from the last step to the first, as
-  ``npbptt.bptt.bptt_reference`` adds them.
 
-Each of the first three works on a range of batch rows r0:r1 and releases the GIL (``nogil``): the examples of a
+Each works on a range of batch rows r0:r1 and releases the GIL (``nogil``): the examples of a
 batch never interact, so the caller runs chunks of rows on several threads for a whole sweep.
 
 Activations are passed as int codes (``ACT``) and the cell kind as ``kind`` (0 RNN, 1 LSTM), so
@@ -39,7 +36,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 __all__ = ["ACT", "RNN", "LSTM", "XENT", "MSE", "forward_rows", "backward_rows", "loss_rows",
-           "sum_over_steps", "bias_sum", "scatter_add_rows"]
+           "scatter_add_rows"]
 
 ACT = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3}
 RNN, LSTM = 0, 1
@@ -167,7 +164,7 @@ def _activate_grad(act, a, one):
 
 
 # --- reductions in float64 ---------------------------------------------------------------------
-@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
 def _sumsq64(v):
     """sum(v * v) in float64 with four interleaved partial sums (see _sum64)."""
     n = v.shape[0]
@@ -182,7 +179,7 @@ def _sumsq64(v):
     return (s0 + s1) + (s2 + s3)
 
 
-@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
 def _max4(v):
     """max(v) with four interleaved partial maxima (exact: max does not round)."""
     n = v.shape[0]
@@ -197,7 +194,7 @@ def _max4(v):
     return max(max(m0, m1), max(m2, m3))
 
 
-@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
 def _sum64(v):
     """sum(v) in float64 with four interleaved partial sums (a single running sum is bound by the
     latency of one addition per element)."""
@@ -397,46 +394,6 @@ def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
                 if want_grad:
                     z[o] = two * d                            # d/dout mean_o (out - y)^2
             ell[r] = s / O
-
-
-# --- Eq. (15)'s sums over the steps ----------------------------------------------------------------
-@njit(**_JIT)
-def sum_over_steps(A, X, out, accumulate):
-    """out (=, or += when ``accumulate``) sum_t A[t]^T X[t] for A (T, B, m), X (T, B, n), out (m, n):
-    one GEMM over the batch per step, added from the last step to the first -- the order in which
-    ``npbptt.bptt.bptt_reference`` accumulates ``npbptt.cells._affine_vjp``'s dz^T x over k."""
-    T = A.shape[0]
-    tmp = np.empty_like(out)
-    for k in range(T):
-        t = T - 1 - k
-        if k == 0 and not accumulate:
-            np.dot(A[t].T, X[t], out)
-        else:
-            np.dot(A[t].T, X[t], tmp)
-            for i in range(out.shape[0]):
-                o, s = out[i], tmp[i]
-                for j in range(out.shape[1]):
-                    o[j] += s[j]
-
-
-@njit(**_JIT)
-def bias_sum(A, out, accumulate):
-    """out (=, or +=) sum_t sum_b A[t, b] for A (T, B, m): the sum over the batch at each step
-    (``dz.sum(axis=0)`` of ``npbptt.cells._affine_vjp``), added from the last step to the first."""
-    T, B, m = A.shape
-    tmp = np.empty(m, A.dtype)
-    if not accumulate:
-        out[:] = 0
-    for k in range(T):
-        a = A[T - 1 - k]
-        for j in range(m):
-            tmp[j] = a[0, j]
-        for b in range(1, B):
-            ab = a[b]
-            for j in range(m):
-                tmp[j] += ab[j]
-        for j in range(m):
-            out[j] += tmp[j]
 
 
 @njit(**_JIT)

@@ -349,13 +349,18 @@ def _grad_buffer(name, like):
 def _sum_over_steps(A, X, out, accumulate=False):
     """out (=, or += when ``accumulate``) sum_t A_t^T X_t for A (T, B, m), X (T, B, n): the sum over
     steps of Eq. (15), with the reference's summation structure (a GEMM over the batch at each
-    step, accumulated from the last step to the first; see jit.sum_over_steps) so that float32
-    results have the reference's error, not that of one long dot product.  Steps are grouped into
-    one GEMM each only when the per-step products would not fit in _BLOCK_ELEMENTS (a large
-    read-out: adding a (m, n) product per step would cost more memory traffic than arithmetic)."""
+    step, then a sum over the steps) so that float32 results have the reference's error, not that
+    of one long dot product.  Steps are grouped into one GEMM each only when the per-step products
+    would not fit in _BLOCK_ELEMENTS (a large read-out: adding an (m, n) product per step would
+    cost more memory traffic than arithmetic)."""
     T, m, n = A.shape[0], A.shape[2], X.shape[2]
     if T * m * n <= _BLOCK_ELEMENTS:
-        jit.sum_over_steps(A, X, out, accumulate)
+        parts = _ws().get("steps", (T, m, n), A.dtype)
+        np.matmul(A.transpose(0, 2, 1), X, out=parts)
+        if accumulate:
+            out += parts.sum(axis=0)
+        else:
+            parts.sum(axis=0, out=out)
         return out
     s = -(-T // max(1, _BLOCK_ELEMENTS // (m * n)))    # steps per group
     tmp = _ws().get("group", (m, n), A.dtype)
@@ -369,8 +374,12 @@ def _sum_over_steps(A, X, out, accumulate=False):
 
 def _bias_sum(A, out, accumulate=False):
     """out (=, or +=) sum_t sum_b A[t, b] for A (T, B, m): over the batch at each step, then over
-    the steps (see jit.bias_sum)."""
-    jit.bias_sum(A, out, accumulate)
+    the steps."""
+    per_step = A.sum(axis=1)
+    if accumulate:
+        out += per_step.sum(axis=0)
+    else:
+        per_step.sum(axis=0, out=out)
     return out
 
 
