@@ -271,19 +271,25 @@ def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
         for r in range(r1 - r0):
             b = r0 + r
             p, h = P[t, b], Hs[t + 1, b]
-            src, bb = (tab[tok[t, b]], nobias) if use_tab else (p, bias)
             a = A[r]
-            for j in range(GH):
-                a[j] += src[j] + bb[j]                        # + W_ih x_t + b_ih + b_hh
             if kind == LSTM:
                 # i_t, f_t, o_t = sigma(W h_{t-1} + U x_t); z_t = tanh(W_z h_{t-1} + U_z x_t), as
-                # 2 sigma(2a) - 1 so that one loop covers the four gates (see _gate)
-                for j in range(GH):
-                    p[j] = _gate(a[j], (j >= H2) & (j < H3))
+                # 2 sigma(2a) - 1 so that one loop covers the four gates (see _gate); the
+                # pre-activation adds W_ih x_t + b_ih + b_hh from the table or from P[t] and b
+                if use_tab:
+                    src = tab[tok[t, b]]
+                    for j in range(GH):
+                        p[j] = _gate(a[j] + src[j], (j >= H2) & (j < H3))
+                else:
+                    for j in range(GH):
+                        p[j] = _gate(a[j] + (p[j] + bias[j]), (j >= H2) & (j < H3))
                 c_prev, c = Cs[t, b], Cs[t + 1, b]
                 for j in range(H):
                     c[j] = p[j] * p[2 * H + j] + p[H + j] * c_prev[j]  # c_t = i o z + f o c_{t-1}
             else:
+                src, bb = (tab[tok[t, b]], nobias) if use_tab else (p, bias)
+                for j in range(GH):
+                    a[j] += src[j] + bb[j]                    # + W_ih x_t + b_ih + b_hh
                 for j in range(H):                            # h_t = rho(W_hh h_{t-1} + W_ih x_t + b)
                     p[j] = _activate(act, a[j])
                 for j in range(H):
