@@ -164,12 +164,22 @@ def write_report(runs_by_task, args, results):
               f"K0 = {train.get('K0')}, [K_min, K_max] = [{train.get('K_min')}, {train.get('K_max')}], "
               f"beta estimator {train.get('method')} ({train.get('variant')}); epochs run: {epochs}; "
               f"seeds: {seeds}.", ""]
-    full = (info.get("T_train") == 256_000 and info.get("T_eval") == 64_000 and len(seeds) >= 3
-            and epochs and min(epochs) >= 100)
-    if not full:
-        lines += ["**This is a REDUCED reproduction** (fewer seeds, epochs or data than the full "
-                  "grid): the numbers are not yet comparable one-to-one with the paper's; rerun "
-                  "`validation/copy_task.py` without reductions to complete it (it resumes).", ""]
+    def full(runs):
+        ep = [len(r.metrics) for r in runs]
+        sd = {r.config["info"].get("seed") for r in runs}
+        return (info.get("T_train") == 256_000 and info.get("T_eval") == 64_000 and len(sd) >= 3
+                and bool(ep) and min(ep) >= 100)
+
+    by_task = {t: rs for t, rs in runs_by_task.items() if rs}
+    scope = {t: (f"seeds {sorted({r.config['info'].get('seed') for r in rs})}, "
+                 f"{min(len(r.metrics) for r in rs)}-{max(len(r.metrics) for r in rs)} epochs, "
+                 f"{'full' if full(rs) else 'REDUCED'}") for t, rs in by_task.items()}
+    lines += ["Per task: " + "; ".join(f"{TASK_NAMES.get(t, t)}: {v}" for t, v in scope.items()) + ".", ""]
+    if not all(full(rs) for rs in by_task.values()):
+        lines += ["**Parts of this reproduction are REDUCED** (fewer seeds, epochs or data than the "
+                  "full grid: 3 seeds x 100 epochs at full size): those numbers are not comparable "
+                  "one-to-one with the paper's; rerun `validation/copy_task.py` without reductions "
+                  "to complete them (it resumes).", ""]
     csv_rows = []
     for task, rows in rows_by_task.items():
         paper = PAPER_C1.get(task, {})
