@@ -70,8 +70,10 @@ DIFFERENCES = [
     "marker symbol followed by m - 1 data symbols, has no 'start recall' symbol (the recall starts "
     "when the blanks start), uses 4 data symbols, and shifts every stream by a random offset. "
     "The paper's variable-length task ends near PPL 1.3, while with the paper's printed format "
-    "it reaches PPL ~1.02 here within 30 epochs; the different generator is a likely, untested, "
-    "cause, and the variable-m columns should not be compared one-to-one.",
+    "it reaches PPL ~1.02 here within 30 epochs. The different generator is not the cause: "
+    "`validation/copy_layout.py` trains on the authors' format and also reaches ~1.02-1.03 "
+    "(`validation/results/copy_layout.md`). The cause is unknown, and the variable-m columns "
+    "should not be compared one-to-one.",
     "The probe: per stream a random window of W + 1 = 101 steps after 20 burn-in steps from the "
     "zero state, as the authors' code (which uses tau_hat = 80 = W - 20; here tau_hat = 0.9 W = 90 "
     "as the paper).",
