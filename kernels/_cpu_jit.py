@@ -26,7 +26,7 @@ float32 they are evaluated in float64 and rounded once (within about half an ulp
 Speed rule for every inner loop here: it touches at most four arrays and holds no running sum, so
 that LLVM vectorises it (more arrays need more run-time overlap checks than LLVM allows, and a
 floating-point running sum cannot be reordered; either keeps the loop scalar, 3-5x slower).
-Reductions use several interleaved partial sums in float64 instead (``_sum64``, ``_sumsq64``).
+Reductions use several interleaved partial sums in float64 instead (``_sum64``, ``_max4``).
 """
 import math
 
@@ -165,21 +165,6 @@ def _activate_grad(act, a, one):
 
 # --- reductions in float64 ---------------------------------------------------------------------
 @njit(**{k: v for k, v in _JIT.items() if k != "cache"})
-def _sumsq64(v):
-    """sum(v * v) in float64 with four interleaved partial sums (see _sum64)."""
-    n = v.shape[0]
-    s0 = s1 = s2 = s3 = 0.0
-    for k in range(0, n - 3, 4):
-        s0 += np.float64(v[k]) * np.float64(v[k])
-        s1 += np.float64(v[k + 1]) * np.float64(v[k + 1])
-        s2 += np.float64(v[k + 2]) * np.float64(v[k + 2])
-        s3 += np.float64(v[k + 3]) * np.float64(v[k + 3])
-    for k in range(n - n % 4, n):
-        s0 += np.float64(v[k]) * np.float64(v[k])
-    return (s0 + s1) + (s2 + s3)
-
-
-@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
 def _max4(v):
     """max(v) with four interleaved partial maxima (exact: max does not round)."""
     n = v.shape[0]
@@ -195,18 +180,22 @@ def _max4(v):
 
 
 @njit(**{k: v for k, v in _JIT.items() if k != "cache"})
-def _sum64(v):
-    """sum(v) in float64 with four interleaved partial sums (a single running sum is bound by the
-    latency of one addition per element)."""
+def _sum64(v, squares):
+    """sum(v), or sum(v * v) when ``squares``, in float64 with four interleaved partial sums (a
+    single running sum is bound by the latency of one addition per element)."""
     n = v.shape[0]
     s0 = s1 = s2 = s3 = 0.0
     for k in range(0, n - 3, 4):
-        s0 += np.float64(v[k])
-        s1 += np.float64(v[k + 1])
-        s2 += np.float64(v[k + 2])
-        s3 += np.float64(v[k + 3])
+        a0, a1, a2, a3 = np.float64(v[k]), np.float64(v[k + 1]), np.float64(v[k + 2]), np.float64(v[k + 3])
+        if squares:
+            a0, a1, a2, a3 = a0 * a0, a1 * a1, a2 * a2, a3 * a3
+        s0 += a0
+        s1 += a1
+        s2 += a2
+        s3 += a3
     for k in range(n - n % 4, n):
-        s0 += np.float64(v[k])
+        a0 = np.float64(v[k])
+        s0 += a0 * a0 if squares else a0
     return (s0 + s1) + (s2 + s3)
 
 
@@ -353,9 +342,9 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
             np.dot(D[t, r0:r1], Whh, dh_rec)                  # dh_{t-1} = da_t W_hh
             if want_sq and t >= 1:
                 for r in range(R):
-                    s = _sumsq64(dh_rec[r])
+                    s = _sum64(dh_rec[r], True)
                     if kind == LSTM:
-                        s += _sumsq64(dc_rec[r])
+                        s += _sum64(dc_rec[r], True)
                     sq[t - 1, r0 + r] += s
 
 
@@ -382,7 +371,7 @@ def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
             # separate passes, each vectorisable (a sum in the same loop would keep it scalar)
             for o in range(O):
                 z[o] = exp_neg(z[o] - m)                      # exp(z - max z)
-            se = _sum64(z)                                    # sum_o exp(z - max z), in float64
+            se = _sum64(z, False)                             # sum_o exp(z - max z), in float64
             ell[r] = math.log(se) - np.float64(zy)            # logsumexp(z) - z_y, in float64
             if want_grad:                                     # d ell/dz = softmax(z) - onehot(y),
                 yr = yi[r]                                    # scaled after the subtraction

@@ -181,6 +181,14 @@ def _each_group(groups):
             i_fixed += 1
 
 
+def _save(plt, fig, path):
+    """Lay out, write ``path`` (PNG) and close the figure; returns the path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def figure1(runs, path):
     """Figure 1: per task a row of (test PPL at best valid vs data passes, kappa_hat vs epoch,
     delta_hat vs epoch).  Lines: mean over seeds; the band on delta_hat is the mean of the
@@ -218,10 +226,7 @@ def figure1(runs, path):
         for ax in row:
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def figure_c1(runs, path):
@@ -241,10 +246,7 @@ def figure_c1(runs, path):
         for ax in row:
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def figure3(runs, path):
@@ -272,10 +274,7 @@ def figure3(runs, path):
                title=f"{task}: {run.label}, epoch {best['epoch']} (valid PPL {best['valid_ppl']:.3f})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def plot_all(runs, out):
