@@ -232,17 +232,59 @@ def _make_gate():
 _gate = _make_gate()
 
 
+# --- GEMM with accumulation -----------------------------------------------------------------------
+_XXGEMM = {}
+
+
+def _mm(A, B, C, trans_a, coef, accumulate):
+    raise NotImplementedError
+
+
+@overload(_mm, jit_options=_ELEM)
+def _mm_ov(A, B, C, trans_a, coef, accumulate):
+    """C (M, N) <- op(A) @ B, or C += op(A) @ B when ``accumulate`` (BLAS beta = 1: the product is
+    formed and then added, the reference's ``C + A @ B``); op(A) = A (M, K), or A.T for A (K, M)
+    when ``trans_a``.  All three C-contiguous 2-D arrays of one float type; ``coef`` = [1, 0, 1]
+    in that type (alpha and the two betas, passed by pointer).  Calls the same BLAS as numba's
+    np.dot (numba's ``numba_xxgemm`` helper, resolved by name, so callers stay cacheable), which
+    np.dot cannot do: accumulate into C without a temporary."""
+    if not isinstance(A, types.Array) or not isinstance(A.dtype, types.Float):
+        return None
+    bits = A.dtype.bitwidth
+    if bits not in _XXGEMM:
+        from numba.np.linalg import _BLAS
+        _XXGEMM[bits] = _BLAS().numba_xxgemm(A.dtype)
+    gemm, kind = _XXGEMM[bits], ord("d" if bits == 64 else "s")
+    n_, t_ = ord("n"), ord("t")
+
+    def impl(A, B, C, trans_a, coef, accumulate):
+        M, N = C.shape
+        K = B.shape[0]
+        # row-major C = op(A) B is column-major C^T = B^T op(A)^T
+        gemm(kind, n_, t_ if trans_a else n_, N, M, K, coef.ctypes, B.ctypes, N, A.ctypes,
+             M if trans_a else K, coef[2:].ctypes if accumulate else coef[1:].ctypes, C.ctypes, N)
+    return impl
+
+
 # --- one layer over a chunk, rows r0:r1 of the batch --------------------------------------------
+# How a layer's input projection W_ih x_t reaches the forward kernel (``mode``):
+FROM_P, FROM_TABLE, FROM_X = 0, 1, 2
+
+
 @njit(**_JIT)
-def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
+def forward_rows(kind, act, mode, X, WihT, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
     """Forward pass of one layer over T steps for batch rows r0:r1; equals the layer's part of
     ``npbptt.model._Network.step`` (``npbptt.cells.rnn_step`` / ``lstm_step``) step after step.
 
-    P   : (T, B, G*H) on entry W_ih x_t (ignored when ``tok`` has rows); on exit the activations
-          (LSTM: the gates i, f, g(=z), o of each step; RNN: h_t itself)
-    bias: (G*H,) b_ih + b_hh (zeros without biases; unused when ``tok`` has rows)
-    tab, tok : (V, G*H) the table W_ih E[v] + b and (T, B) the tokens, when layer 0's input
-          projection is read from the table (else tok of shape (0, 0))
+    mode: where W_ih x_t comes from -- FROM_P: P[t] holds it on entry (one GEMM over all steps by
+          the caller, for large layers); FROM_TABLE: the table row tab[tok[t, b]] = W_ih E[v] + b;
+          FROM_X: computed here step by step, X[t] W_ih^T (small layers: the step's rows stay in
+          cache, and the pre-activation is formed as the reference's x W_ih^T + h W_hh^T)
+    X   : (T, B, in) the layer's inputs (FROM_X; else unused);  WihT: (in, G*H) = W_ih^T
+    P   : (T, B, G*H) on exit the activations (LSTM: the gates i, f, g(=z), o of each step; RNN:
+          h_t itself); on entry W_ih x_t for FROM_P
+    bias: (G*H,) b_ih + b_hh (zeros without biases; unused for FROM_TABLE)
+    tab, tok : (V, G*H) and (T, B) for FROM_TABLE
     WhhT: (H, G*H) = W_hh^T, C-contiguous
     Hs  : (T+1, B, H), Hs[0] the entering h; Hs[t+1] <- h_t
     Cs  : (T+1, B, H), Cs[0] the entering c; Cs[t+1] <- c_t  (LSTM; unused for the RNN)
@@ -251,12 +293,16 @@ def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
     T, GH = P.shape[0], P.shape[2]
     H = Hs.shape[2]
     A = np.empty((r1 - r0, GH), P.dtype)
-    use_tab = tok.shape[0] > 0
-    nobias = np.zeros(GH, P.dtype)
+    coef = np.zeros(3, P.dtype)                               # alpha 1, beta 0, beta 1
+    coef[0] = coef[2] = 1
     H2, H3 = 2 * H, 3 * H
     # (each loop touches at most four arrays: see the module's speed rule)
     for t in range(T):
-        np.dot(Hs[t, r0:r1], WhhT, A)                         # W_hh h_{t-1}
+        if mode == FROM_X:                                    # W_ih x_t + W_hh h_{t-1}
+            _mm(X[t, r0:r1], WihT, A, False, coef, False)
+            _mm(Hs[t, r0:r1], WhhT, A, False, coef, True)
+        else:
+            _mm(Hs[t, r0:r1], WhhT, A, False, coef, False)    # W_hh h_{t-1}
         for r in range(r1 - r0):
             b = r0 + r
             p, h = P[t, b], Hs[t + 1, b]
@@ -264,11 +310,14 @@ def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
             if kind == LSTM:
                 # i_t, f_t, o_t = sigma(W h_{t-1} + U x_t); z_t = tanh(W_z h_{t-1} + U_z x_t), as
                 # 2 sigma(2a) - 1 so that one loop covers the four gates (see _gate); the
-                # pre-activation adds W_ih x_t + b_ih + b_hh from the table or from P[t] and b
-                if use_tab:
+                # pre-activation adds b_ih + b_hh (and W_ih x_t from the table or from P[t])
+                if mode == FROM_TABLE:
                     src = tab[tok[t, b]]
                     for j in range(GH):
                         p[j] = _gate(a[j] + src[j], (j >= H2) & (j < H3))
+                elif mode == FROM_X:
+                    for j in range(GH):
+                        p[j] = _gate(a[j] + bias[j], (j >= H2) & (j < H3))
                 else:
                     for j in range(GH):
                         p[j] = _gate(a[j] + (p[j] + bias[j]), (j >= H2) & (j < H3))
@@ -276,9 +325,16 @@ def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
                 for j in range(H):
                     c[j] = p[j] * p[2 * H + j] + p[H + j] * c_prev[j]  # c_t = i o z + f o c_{t-1}
             else:
-                src, bb = (tab[tok[t, b]], nobias) if use_tab else (p, bias)
-                for j in range(GH):
-                    a[j] += src[j] + bb[j]                    # + W_ih x_t + b_ih + b_hh
+                if mode == FROM_TABLE:
+                    src = tab[tok[t, b]]
+                    for j in range(GH):
+                        a[j] += src[j]                        # + W_ih x_t + b_ih + b_hh
+                elif mode == FROM_X:
+                    for j in range(GH):
+                        a[j] += bias[j]
+                else:
+                    for j in range(GH):
+                        a[j] += p[j] + bias[j]
                 for j in range(H):                            # h_t = rho(W_hh h_{t-1} + W_ih x_t + b)
                     p[j] = _activate(act, a[j])
                 for j in range(H):
@@ -294,28 +350,48 @@ def forward_rows(kind, act, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
                     h[j] = o[j] * tc[j]                       # h_t = o_t o tanh(c_t)
 
 
+# Where the gradient reaching a layer's input goes (``down`` of backward_rows):
+DOWN_NONE, DOWN_H, DOWN_EMBED = 0, 1, 2
+
+
 @njit(**_JIT)
-def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
+def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq,
+                  X, tok, E, Wih, dWhh, dWih, db, dE, down, r0, r1):
     """Backward recursion (16) through one layer for batch rows r0:r1, steps T-1 down to t_stop;
     equals ``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp`` applied step after step as in
-    ``npbptt.model._Network.step_vjp``.
+    ``npbptt.model._Network.step_vjp``, and, when asked, the layer's terms of Eq. (15)
+    accumulated as ``npbptt.bptt.bptt_reference`` does (step after step, t descending).
 
     D     : (T, B, G*H) the activations left by :func:`forward_rows`; for t >= t_stop overwritten
             by da_t, the gradient w.r.t. the pre-activations W_ih x_t + W_hh h_{t-1} + b
     Hs, Cs, TC : as left by :func:`forward_rows`
     dHext : (T, B, H) gradient reaching h_t from outside the recurrence at step t (the layer
-            above's input gradient and, for the top layer, the read-out)
+            above's input gradient and, for the top layer, the read-out); with ``down`` = DOWN_H
+            row t is then overwritten by da_t W_ih, the gradient reaching the layer below
     Whh   : (G*H, H) = W_hh, C-contiguous
     sq    : (T, B) or (0, B); when it has rows, sq[t-1, b] += ||b^(layer)_{t-1}||^2 for
             t >= max(t_stop, 1), where b_{t-1} = (dh, dc) is the gradient w.r.t. this layer's
             part of S_{t-1} as the input of step t -- the b_k of recursion (16), k = T-t
+    X, tok, E : the layer's inputs x_t: X (T, B, in), or (X without rows) E[tok[t, b]] for an
+            embedding layer 0 (E (V, in), tok (T, B))
+    Wih   : (G*H, in) = W_ih (for ``down``)
+    dWhh, dWih, db : when dWhh has rows, += sum_t da_t^T h_{t-1}, da_t^T x_t and the batch sum of
+            da_t (db only when it has rows): the per-step products of Eq. (15), each formed and
+            then added, as the reference
+    dE    : (V, in); with ``down`` = DOWN_EMBED, dE[tok[t, b]] += (da_t W_ih)[b], in order
     """
     T, GH = D.shape[0], D.shape[2]
     H = Hs.shape[2]
     R = r1 - r0
     want_sq = sq.shape[0] > 0
+    grads = dWhh.shape[0] > 0
     dh_rec = np.zeros((R, H), D.dtype)                        # b_{t}, h part, from step t+1
     dc_rec = np.zeros((R, H), D.dtype)                        # b_{t}, c part (LSTM)
+    n_in = Wih.shape[1]
+    xg = np.empty((R, n_in), D.dtype)                         # E[tok] rows, or da_t W_ih rows
+    bs = np.empty(GH, D.dtype)                                # batch sum of da_t
+    coef = np.zeros(3, D.dtype)                               # alpha 1, beta 0, beta 1
+    coef[0] = coef[2] = 1
     one = D.dtype.type(1)
     for t in range(T - 1, t_stop - 1, -1):
         for r in range(R):                                    # (the module's speed rule)
@@ -338,14 +414,39 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
             else:
                 for j in range(H):
                     d[j] = dh[j] * _activate_grad(act, d[j], one)             # dz = dh rho'(z)
+        da = D[t, r0:r1]
         if t > t_stop or want_sq:
-            np.dot(D[t, r0:r1], Whh, dh_rec)                  # dh_{t-1} = da_t W_hh
+            _mm(da, Whh, dh_rec, False, coef, False)          # dh_{t-1} = da_t W_hh
             if want_sq and t >= 1:
                 for r in range(R):
                     s = _sum64(dh_rec[r], True)
                     if kind == LSTM:
                         s += _sum64(dc_rec[r], True)
                     sq[t - 1, r0 + r] += s
+        if grads:                                             # Eq. (15): b_k . dS_{s-k}/dtheta
+            _mm(da, Hs[t, r0:r1], dWhh, True, coef, True)     # dW_hh += da_t^T h_{t-1}
+            if X.shape[0] > 0:
+                _mm(da, X[t, r0:r1], dWih, True, coef, True)  # dW_ih += da_t^T x_t
+            else:
+                for r in range(R):
+                    xg[r] = E[tok[t, r0 + r]]                 # x_t = E[token]
+                _mm(da, xg, dWih, True, coef, True)
+            if db.shape[0] > 0:
+                bs[:] = 0
+                for r in range(R):
+                    dr = da[r]
+                    for j in range(GH):
+                        bs[j] += dr[j]
+                for j in range(GH):
+                    db[j] += bs[j]
+        if down == DOWN_H:
+            _mm(da, Wih, dHext[t, r0:r1], False, coef, False)  # into h_t of the layer below
+        elif down == DOWN_EMBED:
+            _mm(da, Wih, xg, False, coef, False)
+            for r in range(R):
+                dst, src = dE[tok[t, r0 + r]], xg[r]
+                for c in range(n_in):
+                    dst[c] += src[c]
 
 
 # --- read-out losses -----------------------------------------------------------------------------

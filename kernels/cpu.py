@@ -56,6 +56,9 @@ __all__ = ["bptt", "step_losses", "grad_norms", "supports", "blas_single_thread"
 _BLOCK_ELEMENTS = 1 << 22
 # The batch is split over threads only into chunks of at least this many rows.
 _MIN_ROWS_PER_CHUNK = 8
+# Layers whose W_ih and W_hh take at most this many bytes run fused step by step (see _fused):
+# a quarter of a core's L2 cache here, so that weights, their gradients and a step's rows stay in it.
+_FUSE_BYTES = 1 << 18
 
 
 # --- which networks this module runs --------------------------------------------------------------
@@ -249,25 +252,38 @@ def _use_table(net, n_tokens):
     return net.embedding and 2 * net.vocab_size <= n_tokens
 
 
+def _fused(net, l):
+    """Whether layer l computes its input projection W_ih x_t, and in the backward sweep its weight
+    gradients and input gradient, step by step inside the recurrence kernels (while the step's
+    rows are in cache) rather than as GEMMs over all steps: for layers whose W_ih and W_hh fit in
+    _FUSE_BYTES (a large layer would stream its weights and their gradients from memory at
+    every step)."""
+    n_in = net.input_size if l == 0 else net.hidden_size
+    G, H = net.gates, net.hidden_size
+    return G * H * (n_in + H) * net.dtype.itemsize <= _FUSE_BYTES
+
+
 def _layer0_input(net, x, D):
-    """Layer 0's input projection for every step.  Returns (X, tab, tok): either the input X
-    (T, B, in) -- E[x_t] or the dense x_t -- with D (T, B, G*H) <- W_ih x_t, or, through the
-    embedding table, tab (V, G*H) = W_ih E[v] + b_ih + b_hh and the tokens (X None, D untouched:
-    the forward kernel reads the table)."""
+    """Layer 0's input projection.  Returns (mode, X, tab, tok): through the embedding table,
+    FROM_TABLE with tab (V, G*H) = W_ih E[v] + b_ih + b_hh and the tokens (X None); else the input
+    X (T, B, in) -- E[x_t] or the dense x_t -- and FROM_X (a fused layer: the kernel forms W_ih x_t
+    step by step) or FROM_P with D (T, B, G*H) <- W_ih x_t for every step at once."""
     p = net.layer(0)
     T, B = x.shape[:2]
     if _use_table(net, T * B):
         tab = net.params["embedding.weight"] @ p["weight_ih"].T       # row v: W_ih E[v]
         if "bias_ih" in p:
             tab += p["bias_ih"] + p["bias_hh"]
-        return None, tab, np.ascontiguousarray(x, dtype=np.int64)
+        return jit.FROM_TABLE, None, tab, np.ascontiguousarray(x, dtype=np.int64)
     if net.embedding:
         X = _ws().get("X0", (T, B, net.input_size), net.dtype)
         np.take(net.params["embedding.weight"], x, axis=0, out=X)    # e_t = E[x_t]
     else:
         X = np.ascontiguousarray(x, dtype=net.dtype)
+    if _fused(net, 0):
+        return jit.FROM_X, X, None, None
     np.matmul(X.reshape(T * B, -1), p["weight_ih"].T, out=D.reshape(T * B, D.shape[2]))
-    return X, None, None
+    return jit.FROM_P, X, None, None
 
 
 def _forward(net, x, S):
@@ -280,7 +296,7 @@ def _forward(net, x, S):
     T, B = x.shape[:2]
     H, GH, dt = net.hidden_size, net.gates * net.hidden_size, net.dtype
     lstm = kind == jit.LSTM
-    none3 = np.empty((0, 0, 0), dt)
+    none3, none2 = np.empty((0, 0, 0), dt), np.empty((0, 0), dt)
     no_tab, no_tok = np.empty((0, GH), dt), np.empty((0, 0), np.int64)
     layers = []
     S_T = tuple(np.empty_like(s) for s in S)
@@ -290,10 +306,13 @@ def _forward(net, x, S):
         D = _ws().get(("D", l), (T, B, GH), dt)
         tab, tok = no_tab, no_tok
         if l == 0:
-            X, tab0, tok0 = _layer0_input(net, x, D)
-            if X is None:
-                tab, tok = tab0, tok0
+            mode, X, tab0, tok0 = _layer0_input(net, x, D)
+            if mode == jit.FROM_TABLE:
+                tab, tok = tab0.astype(dt, copy=False), tok0
+        elif _fused(net, l):
+            mode = jit.FROM_X
         else:                                            # W_ih x_t for every t at once
+            mode = jit.FROM_P
             np.matmul(X.reshape(T * B, -1), p["weight_ih"].T, out=D.reshape(T * B, GH))
         bias = (p["bias_ih"] + p["bias_hh"] if "bias_ih" in p else np.zeros(GH, dt)).astype(dt, copy=False)
         Hs = _ws().get(("Hs", l), (T + 1, B, H), dt)
@@ -305,7 +324,11 @@ def _forward(net, x, S):
         else:
             Cs = TC = none3
         WhhT = np.ascontiguousarray(p["weight_hh"].T, dtype=dt)
-        jit.forward_rows(kind, act, D, bias, tab.astype(dt, copy=False), tok, WhhT, Hs, Cs, TC, 0, B)
+        if mode == jit.FROM_X:
+            Xk, WihT = X, np.ascontiguousarray(p["weight_ih"].T, dtype=dt)
+        else:
+            Xk, WihT = none3, none2
+        jit.forward_rows(kind, act, mode, Xk, WihT, D, bias, tab, tok, WhhT, Hs, Cs, TC, 0, B)
         layers.append(_Layer(X, D, Hs, Cs, TC))
         S_T[0][l] = Hs[T]
         if lstm:
@@ -420,16 +443,49 @@ def _backward(net, x, layers, dH, t_stop, sq, grads=None):
 
     When ``grads`` is a dict the gradients of the recurrent layers and the embedding are put in it
     (this thread's scratch arrays); else only ``sq`` is accumulated (the probe, see
-    jit.backward_rows)."""
+    jit.backward_rows).  Fused layers (:func:`_fused`) do all of it inside jit.backward_rows, step
+    by step; the others get their weight and input gradients from GEMMs over all steps
+    (:func:`_layer_grads`)."""
     kind, act = _codes(net)
+    dt = net.dtype
+    none3, none2, none1 = np.empty((0, 0, 0), dt), np.empty((0, 0), dt), np.empty(0, dt)
+    no_tok = np.empty((0, 0), np.int64)
     for l in reversed(range(net.num_layers)):
         p = net.layer(l)
         L = layers[l]
         B = L.D.shape[1]
-        Whh = np.ascontiguousarray(p["weight_hh"], dtype=net.dtype)
-        jit.backward_rows(kind, act, L.D, L.Hs, L.Cs, L.TC, dH, Whh, t_stop, sq, 0, B)
-        if l > 0 or grads is not None:
-            _layer_grads(net, l, p, L, x[t_stop:], L.D[t_stop:], dH[t_stop:], t_stop, grads)
+        Whh = np.ascontiguousarray(p["weight_hh"], dtype=dt)
+        if not _fused(net, l):
+            jit.backward_rows(kind, act, L.D, L.Hs, L.Cs, L.TC, dH, Whh, t_stop, sq, none3, no_tok,
+                              none2, none2, none2, none2, none1, none2, jit.DOWN_NONE, 0, B)
+            if l > 0 or grads is not None:
+                _layer_grads(net, l, p, L, x[t_stop:], L.D[t_stop:], dH[t_stop:], t_stop, grads)
+            continue
+        X = none3 if L.X is None else L.X
+        embed = l == 0 and net.embedding
+        tok = np.ascontiguousarray(x, dtype=np.int64) if embed else no_tok
+        E = net.params["embedding.weight"] if embed else none2
+        dWhh = dWih = dE = none2
+        db = none1
+        if grads is not None:
+            name = lambda k: f"{k}_l{l}"
+            dWhh = grads[name("weight_hh")] = _grad_buffer(name("weight_hh"), p["weight_hh"])
+            dWih = grads[name("weight_ih")] = _grad_buffer(name("weight_ih"), p["weight_ih"])
+            dWhh.fill(0)
+            dWih.fill(0)
+            if "bias_ih" in p:
+                db = grads[name("bias_ih")] = _grad_buffer(name("bias_ih"), p["bias_ih"])
+                db.fill(0)
+            if embed:
+                dE = grads["embedding.weight"] = _grad_buffer("embedding.weight", E)
+                dE.fill(0)
+        down = jit.DOWN_H if l > 0 else (jit.DOWN_EMBED if embed and grads is not None else jit.DOWN_NONE)
+        Wih = np.ascontiguousarray(p["weight_ih"], dtype=dt) if down != jit.DOWN_NONE else none2
+        jit.backward_rows(kind, act, L.D, L.Hs, L.Cs, L.TC, dH, Whh, t_stop, sq, X, tok, E, Wih,
+                          dWhh, dWih, db, dE, down, 0, B)
+        if grads is not None and "bias_ih" in p:         # the same sum for both biases
+            dbh = grads[name("bias_hh")] = _grad_buffer(name("bias_hh"), p["bias_hh"])
+            dbh[...] = db
 
 
 def _layer_grads(net, l, p, L, x, DA, dX, t_stop, grads):

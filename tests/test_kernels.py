@@ -7,6 +7,8 @@ twice the float32 reference's own error, both measured as the relative 2-norm er
 output (all gradient arrays together); an error below float32's epsilon counts as epsilon (a
 result cannot be meaningfully closer than one rounding of its largest entries).
 """
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -70,11 +72,21 @@ def _bptt_both(prob, K1, K2):
     return ref, got
 
 
+@contextlib.contextmanager
+def _layers_path(fused):
+    """A context in which every layer runs fused step by step (the small-layer path: every
+    problem here is small) or none does (the large-layer path, with GEMMs over all steps)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_FUSE_BYTES", 1 << 62 if fused else 0)
+        yield
+
+
 @settings(max_examples=80, deadline=None)
-@given(kernel_problems())
-def test_bptt_kernel_equals_reference_float64(case):
+@given(kernel_problems(), st.booleans())
+def test_bptt_kernel_equals_reference_float64(case, fused):
     prob, K1, K2 = case
-    (l_ref, g_ref, S_ref), (l_got, g_got, S_got) = _bptt_both(prob, K1, K2)
+    with _layers_path(fused):
+        (l_ref, g_ref, S_ref), (l_got, g_got, S_got) = _bptt_both(prob, K1, K2)
     assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
     assert list(g_got) == list(g_ref)
     for n in g_ref:
@@ -97,12 +109,13 @@ def test_step_losses_kernel_equals_reference_float64(case):
 
 
 @settings(max_examples=30, deadline=None)
-@given(kernel_problems(max_T=12))
-def test_grad_norms_kernel_equals_reference_float64(case):
+@given(kernel_problems(max_T=12), st.booleans())
+def test_grad_norms_kernel_equals_reference_float64(case, fused):
     prob, _, _ = case
     x, y, S = _validated(prob)
     phi_ref = grad_norms_reference(prob.net, x, y, S, prob.loss)
-    phi_got = cpu.grad_norms(prob.net, x, y, S, prob.loss)
+    with _layers_path(fused):
+        phi_got = cpu.grad_norms(prob.net, x, y, S, prob.loss)
     assert phi_got.dtype == np.float64
     _assert_close64(phi_ref, phi_got, "phi")
 
@@ -140,9 +153,13 @@ def _assert_float32_as_good(ref32, got32, exact, what):
 
 
 @settings(max_examples=50, deadline=None)
-@given(kernel_problems())
-def test_float32_kernels_error_at_most_twice_the_float32_references(case):
-    prob, K1, K2 = case
+@given(kernel_problems(), st.booleans())
+def test_float32_kernels_error_at_most_twice_the_float32_references(case, fused):
+    with _layers_path(fused):
+        _float32_check(*case)
+
+
+def _float32_check(prob, K1, K2):
     p32, p64 = _as_float32(prob)
     x, y, S = _validated(p32)
     x64, y64, S64 = _validated(p64)
@@ -173,8 +190,9 @@ def test_float32_kernels_error_at_most_twice_the_float32_references(case):
 @given(kernel_problems(max_T=9))
 def test_blocked_paths_equal_reference(case):
     """With tiny memory blocks (read-out blocks of one step, step groups in the weight-gradient
-    GEMMs, forward blocks in step_losses and in the steps before the window) and up to five
-    uneven batch chunks (more chunks than pool threads), the kernels still equal the references."""
+    GEMMs, forward blocks in step_losses and in the steps before the window), no layer fused (the
+    large-layer path) and up to five uneven batch chunks (more chunks than pool threads), the
+    kernels still equal the references."""
     prob, K1, K2 = case
 
     def five_chunks(net, B):
@@ -183,6 +201,7 @@ def test_blocked_paths_equal_reference(case):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu, "_BLOCK_ELEMENTS", 8)
+        mp.setattr(cpu, "_FUSE_BYTES", 0)
         mp.setattr(cpu, "_chunks", five_chunks)
         (l_ref, g_ref, S_ref), (l_got, g_got, S_got) = _bptt_both(prob, K1, K2)
         x, y, S = _validated(prob)

@@ -15,7 +15,9 @@ per-step state gradients with ``retain_grad``), and JAX ``jit(lax.scan)`` when J
 
 Protocol: float64 and float32; ``--rounds`` rounds (>= 9 by default), the contenders in a
 rotating order, an idle gap before each timing (spinning BLAS/OpenMP threads of the previous
-contender otherwise slow the next one), medians over the rounds.  Reported per contender: ms per
+contender otherwise slow the next one), then ``--warmup`` seconds (0.1) of the contender's own
+steps untimed (the first steps after an idle gap run up to 1.5x slow while clocks and caches ramp
+up), then ``--min-time`` seconds (0.2) of steps timed, medians over the rounds.  Reported per contender: ms per
 step, tokens per second (W1/W2: K2 * B new tokens a step; W3: (R + 1) * B tokens a window), ratio
 to torch, achieved GFLOP/s (the model's multiply-adds, the same count for every contender) and its
 fraction of this machine's large-GEMM peak (measured here with NumPy, 2048 x 2048).  Also the
@@ -92,6 +94,18 @@ def gemm_peak(dtype, n=2048, repeats=5):
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n ** 3 / best / 1e9
+
+
+def _warm_up(f, seconds):
+    """Run f untimed for about ``seconds`` (at least once) after an idle gap; returns the time of
+    its last call.  The first calls after an idle period run slow on this machine (8 ms instead of
+    5.5 for W1: clocks and caches ramp up over ~50-100 ms), which would otherwise weigh on short
+    steps more than on long ones."""
+    t_end = time.perf_counter() + seconds
+    while True:
+        t = _timed(f)
+        if time.perf_counter() >= t_end:
+            return t
 
 
 def _timed(f):
@@ -291,7 +305,7 @@ def run(args):
             for c in names:
                 time.sleep(args.gap)             # idle gap: let spinning threads park
                 f = cs[c]
-                t = _timed(f)
+                t = _warm_up(f, args.warmup)
                 reps = max(1, int(args.min_time / max(t, 1e-9)))
                 if reps > 1:                     # short steps: average several in this round
                     t = _timed(lambda: [f() for _ in range(reps)]) / reps
@@ -356,6 +370,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="3 rounds, short gaps, W2 without NumPy")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 9; 3 with --quick)")
     ap.add_argument("--gap", type=float, default=None, help="idle seconds before each timing")
+    ap.add_argument("--warmup", type=float, default=0.1,
+                    help="untimed seconds of a contender's steps after the idle gap, before timing")
     ap.add_argument("--min-time", type=float, default=0.2,
                     help="a contender's step is repeated within a round up to this many seconds")
     ap.add_argument("--workloads", default="W1,W2,W3")
@@ -380,7 +396,8 @@ def main(argv=None):
     info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "numba_threads": numba.get_num_threads(), "torch": torch.__version__,
             "numpy": np.__version__, "numba": numba.__version__, "rounds": args.rounds,
-            "gap_s": args.gap, "load_avg_before": os.getloadavg()}
+            "gap_s": args.gap, "warmup_s": args.warmup, "min_time_s": args.min_time,
+            "load_avg_before": os.getloadavg()}
     jit = None if args.no_jit_cost else jit_cost()
     agree = check_agreement(args.seed)
     rows, peaks = run(args)
