@@ -21,7 +21,8 @@ batch never interact, so the caller runs chunks of rows on several threads for a
 Activations are passed as int codes (``ACT``) and the cell kind as ``kind`` (0 RNN, 1 LSTM), so
 each kernel is compiled once per float type.  exp, sigmoid and tanh use the vectorisable
 implementations below (numba has no vector libm without Intel's SVML): float64 to 1-2 ulp; for
-float32 they are evaluated in float64 and rounded once (within about half an ulp, like NumPy's).
+float32, exp is evaluated in float64 and rounded once (within about half an ulp), sigmoid and tanh
+in float32 lanes, twice as many per instruction (within 2.5 ulp; NumPy's float32: 1.4-3.2 ulp).
 
 Speed rule for every inner loop here: it touches at most four arrays and holds no running sum, so
 that LLVM vectorises it (more arrays need more run-time overlap checks than LLVM allows, and a
@@ -114,20 +115,65 @@ _F64 = _make_elementary(13)
 _F32 = _make_elementary(8)
 
 
+def _make_gate_fn(f, deg, ln2hi, ln2lo, vmin):
+    """sigma(z), or tanh(z) when ``is_tanh``, in the arithmetic of float type ``f`` (float32 lanes
+    are twice as many as float64's: a float32 LSTM's gates cost half as much).  One formula for
+    both, from m = expm1(-w) and e = exp(-w), w = |z| (sigma) or 2|z| (tanh):
+        sigma(z) = 1/(1+e) for z >= 0, e/(1+e) for z < 0;   tanh(z) = -m/(1+e) sign(z),
+    with e^r - 1 on |r| <= ln(2)/2 by its Taylor polynomial of degree ``deg`` and a Cody-Waite
+    split ln2hi + ln2lo of ln 2; exp(-w) is taken as 0 below exp(vmin), the smallest normal
+    number.  Relatively accurate near 0 (m is exact there), no overflow; within 3 ulp of the true
+    values (tests/test_kernels.py; measured: float64 2.5-2.8, float32 2.1-2.4 ulp, where NumPy's
+    float32 sigmoid and tanh are within 3.2 and 1.4)."""
+    C = tuple(f(1.0 / math.factorial(k)) for k in range(1, deg + 1))
+    log2e, ln2hi, ln2lo, vmin = f(_LOG2E), f(ln2hi), f(ln2lo), f(vmin)
+    half, one, nc = f(0.5), f(1), deg
+
+    @njit(**_ELEM)
+    def gate(z, is_tanh):
+        w = abs(z + z if is_tanh else z)
+        v = max(-w, vmin)
+        zero = v > -w                         # exp(-w) below the normal range: taken as 0
+        n = np.floor(v * log2e + half)
+        r = (v - n * ln2hi) - n * ln2lo
+        q = C[nc - 1]
+        for k in range(nc - 2, -1, -1):
+            q = q * r + C[k]
+        q = q * r                             # e^r - 1
+        s = _pow2(n)
+        e = s * q + s if not zero else one - one              # exp(-w)
+        m = s * q + (s - one) if not zero else -one           # expm1(-w), exact near w = 0
+        if is_tanh:
+            num = -m if z >= 0 else m
+        else:
+            num = one if z >= 0 else e
+        return num / (one + e)
+
+    return gate
+
+
+_gate64 = _make_gate_fn(np.float64, 13, _LN2HI, _LN2LO, _VMIN)
+_gate32 = _make_gate_fn(np.float32, 7, 0.693359375, -2.12194440e-4, -87.0)
+
+
 def _generic(i, name):
-    """A function of one float dispatching on its type: float64 directly; float32 evaluated in
-    float64 and rounded once (so within about half an ulp, like a correctly rounded libm)."""
+    """A function of one float dispatching on its type: float64 directly; for float32, exp
+    evaluated in float64 and rounded once (within about half an ulp, like a correctly rounded
+    libm), sigmoid and tanh in float32 arithmetic (:func:`_make_gate32`, within 2.5 ulp)."""
     def stub(z):
         raise NotImplementedError
     stub.__name__ = stub.__qualname__ = name
     f64, f32 = _F64[i], _F32[i]
+    is_tanh = i == 2
 
     @overload(stub, jit_options=_ELEM)
     def _ov(z):
         if isinstance(z, types.Float) and z.bitwidth == 64:
             return lambda z: f64(z)
         if isinstance(z, types.Float) and z.bitwidth == 32:
-            return lambda z: np.float32(f32(np.float64(z)))
+            if i == 0:
+                return lambda z: np.float32(f32(np.float64(z)))
+            return lambda z: _gate32(z, is_tanh)
         return None
 
     return stub
@@ -200,30 +246,19 @@ def _sum64(v, squares):
 
 
 def _make_gate():
-    sig64, sig32 = _F64[1], _F32[1]
-
     def gate(z, is_tanh):
         raise NotImplementedError
 
     @overload(gate, jit_options=_ELEM)
     def _ov(z, is_tanh):
-        """sigma(z), or tanh(z) = 2 sigma(2z) - 1 when ``is_tanh``: the LSTM's four gate
-        nonlinearities as one function, so that a single vectorised loop covers a whole row of
-        gates (short loops of H, one per gate, leave a scalar remainder each and cost twice as
-        much per element).  Evaluated in float64 and rounded once for float32; tanh this way is
-        within ~2e-16 absolute of the true value (relative accuracy is lost only below |z| ~ 1e-8,
-        where the value is negligible next to the other gates)."""
+        """sigma(z), or tanh(z) when ``is_tanh``: the LSTM's four gate nonlinearities as one
+        function (:func:`_make_gate_fn`, in z's own float type), so that a single vectorised
+        loop covers a whole row of gates (short loops of H, one per gate, leave a scalar
+        remainder each and cost twice as much per element)."""
         if isinstance(z, types.Float) and z.bitwidth == 64:
-            def impl(z, is_tanh):
-                s = sig64(z + z if is_tanh else z)
-                return s + s - 1.0 if is_tanh else s
-            return impl
+            return lambda z, is_tanh: _gate64(z, is_tanh)
         if isinstance(z, types.Float) and z.bitwidth == 32:
-            def impl32(z, is_tanh):
-                z64 = np.float64(z)
-                s = sig32(z64 + z64 if is_tanh else z64)
-                return np.float32(s + s - 1.0 if is_tanh else s)
-            return impl32
+            return lambda z, is_tanh: _gate32(z, is_tanh)
         return None
 
     return gate
@@ -308,9 +343,9 @@ def forward_rows(kind, act, mode, X, WihT, P, bias, tab, tok, WhhT, Hs, Cs, TC, 
             p, h = P[t, b], Hs[t + 1, b]
             a = A[r]
             if kind == LSTM:
-                # i_t, f_t, o_t = sigma(W h_{t-1} + U x_t); z_t = tanh(W_z h_{t-1} + U_z x_t), as
-                # 2 sigma(2a) - 1 so that one loop covers the four gates (see _gate); the
-                # pre-activation adds b_ih + b_hh (and W_ih x_t from the table or from P[t])
+                # i_t, f_t, o_t = sigma(W h_{t-1} + U x_t); z_t = tanh(W_z h_{t-1} + U_z x_t),
+                # one loop over the four gates (see _gate); the pre-activation adds b_ih + b_hh
+                # (and W_ih x_t from the table or from P[t])
                 if mode == FROM_TABLE:
                     src = tab[tok[t, b]]
                     for j in range(GH):
