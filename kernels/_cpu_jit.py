@@ -428,12 +428,14 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq,
     coef = np.zeros(3, D.dtype)                               # alpha 1, beta 0, beta 1
     coef[0] = coef[2] = 1
     one = D.dtype.type(1)
+    dh_all = dh_rec.reshape(-1)
     for t in range(T - 1, t_stop - 1, -1):
+        de_all = dHext[t, r0:r1].reshape(-1)                  # all rows at once: one long loop
+        for j in range(de_all.shape[0]):
+            dh_all[j] += de_all[j]                            # dh_t: from step t+1 and from above
         for r in range(R):                                    # (the module's speed rule)
             b = r0 + r
-            d, de, dh = D[t, b], dHext[t, b], dh_rec[r]
-            for j in range(H):
-                dh[j] += de[j]                                # dh_t: from step t+1 and from above
+            d, dh = D[t, b], dh_rec[r]
             if kind == LSTM:
                 dc, c_prev, tc = dc_rec[r], Cs[t, b], TC[t, b]
                 for j in range(H):
