@@ -342,34 +342,27 @@ def forward_rows(kind, act, mode, X, WihT, P, bias, tab, tok, WhhT, Hs, Cs, TC, 
             b = r0 + r
             p, h = P[t, b], Hs[t + 1, b]
             a = A[r]
+            # the pre-activation W_hh h_{t-1} + W_ih x_t + b_ih + b_hh, W_ih x_t (+ b) from the
+            # table, from P[t], or already in A (FROM_X)
+            if mode == FROM_TABLE:
+                src = tab[tok[t, b]]
+                for j in range(GH):
+                    a[j] += src[j]
+            elif mode == FROM_X:
+                for j in range(GH):
+                    a[j] += bias[j]
+            else:
+                for j in range(GH):
+                    a[j] += p[j] + bias[j]
             if kind == LSTM:
                 # i_t, f_t, o_t = sigma(W h_{t-1} + U x_t); z_t = tanh(W_z h_{t-1} + U_z x_t),
-                # one loop over the four gates (see _gate); the pre-activation adds b_ih + b_hh
-                # (and W_ih x_t from the table or from P[t])
-                if mode == FROM_TABLE:
-                    src = tab[tok[t, b]]
-                    for j in range(GH):
-                        p[j] = _gate(a[j] + src[j], (j >= H2) & (j < H3))
-                elif mode == FROM_X:
-                    for j in range(GH):
-                        p[j] = _gate(a[j] + bias[j], (j >= H2) & (j < H3))
-                else:
-                    for j in range(GH):
-                        p[j] = _gate(a[j] + (p[j] + bias[j]), (j >= H2) & (j < H3))
+                # one loop over the four gates (see _gate)
+                for j in range(GH):
+                    p[j] = _gate(a[j], (j >= H2) & (j < H3))
                 c_prev, c = Cs[t, b], Cs[t + 1, b]
                 for j in range(H):
                     c[j] = p[j] * p[2 * H + j] + p[H + j] * c_prev[j]  # c_t = i o z + f o c_{t-1}
             else:
-                if mode == FROM_TABLE:
-                    src = tab[tok[t, b]]
-                    for j in range(GH):
-                        a[j] += src[j]                        # + W_ih x_t + b_ih + b_hh
-                elif mode == FROM_X:
-                    for j in range(GH):
-                        a[j] += bias[j]
-                else:
-                    for j in range(GH):
-                        a[j] += p[j] + bias[j]
                 for j in range(H):                            # h_t = rho(W_hh h_{t-1} + W_ih x_t + b)
                     p[j] = _activate(act, a[j])
                 for j in range(H):
@@ -466,10 +459,13 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq,
                 _mm(da, X[t, r0:r1], dWih, True, coef, True)  # dW_ih += da_t^T x_t
             else:
                 for r in range(R):
-                    xg[r] = E[tok[t, r0 + r]]                 # x_t = E[token]
+                    src, dst = E[tok[t, r0 + r]], xg[r]       # x_t = E[token]
+                    for c in range(n_in):
+                        dst[c] = src[c]
                 _mm(da, xg, dWih, True, coef, True)
             if db.shape[0] > 0:
-                bs[:] = 0
+                for j in range(GH):
+                    bs[j] = 0
                 for r in range(R):
                     dr = da[r]
                     for j in range(GH):
