@@ -69,50 +69,27 @@ _LOG2E, _LN2HI, _LN2LO, _VMIN = 1.4426950408889634, 0.693147180369123816490, 1.9
 _ELEM = dict(error_model="numpy", fastmath={"contract"})
 
 
-def _make_elementary(deg):
-    """exp(v) (v <= 0), sigmoid and tanh in float64 arithmetic, with e^r - 1 on |r| <= ln(2)/2 by
-    its Taylor polynomial of degree ``deg`` (remainder < 0.35^(deg+1)/(deg+1)!: 13 for float64
-    results, 8 for results rounded to float32)."""
+def _make_exp_neg(deg):
+    """exp(v) for v <= 0 in float64 arithmetic (0 below the smallest normal double), with e^r - 1
+    on |r| <= ln(2)/2 by its Taylor polynomial of degree ``deg`` (remainder
+    < 0.35^(deg+1)/(deg+1)!: 13 for float64 results, 8 for results rounded to float32)."""
     C = tuple(1.0 / math.factorial(k) for k in range(1, deg + 1))
     nc = deg
 
     @njit(**_ELEM)
-    def expm1_reduced(v):
-        """(e^r - 1, 2^n) with v = n ln 2 + r, |r| <= ln(2)/2, for v <= 0."""
-        v = max(v, _VMIN)
-        n = np.floor(v * _LOG2E + 0.5)
-        r = (v - n * _LN2HI) - n * _LN2LO
+    def exp_neg(v):
+        w = max(v, _VMIN)
+        n = np.floor(w * _LOG2E + 0.5)
+        r = (w - n * _LN2HI) - n * _LN2LO
         q = C[nc - 1]
         for k in range(nc - 2, -1, -1):
             q = q * r + C[k]
-        return q * r, _pow2(n)
+        return (q * r + 1.0) * _pow2(n) if v >= _VMIN else 0.0
 
-    @njit(**_ELEM)
-    def exp_neg(v):
-        """e^v for v <= 0 (0 below the smallest normal double)."""
-        q, s = expm1_reduced(v)
-        return (q + 1.0) * s if v >= _VMIN else 0.0
-
-    @njit(**_ELEM)
-    def sigmoid(z):
-        """1/(1+e^-z), or e^z/(1+e^z) for z < 0, as npbptt.cells.sigmoid (no overflow)."""
-        e = exp_neg(-abs(z))
-        s = 1.0 / (1.0 + e)
-        return s if z >= 0 else e * s
-
-    @njit(**_ELEM)
-    def tanh(z):
-        """tanh z = -expm1(-2|z|) / (2 + expm1(-2|z|)) sign(z), accurate near 0 as well."""
-        q, s = expm1_reduced(-2.0 * abs(z))
-        m = s * q + (s - 1.0)                # expm1(-2|z|) in (-1, 0]
-        t = -m / (2.0 + m)
-        return t if z >= 0 else -t
-
-    return exp_neg, sigmoid, tanh
+    return exp_neg
 
 
-_F64 = _make_elementary(13)
-_F32 = _make_elementary(8)
+_EXP64, _EXP32 = _make_exp_neg(13), _make_exp_neg(8)
 
 
 def _make_gate_fn(f, deg, ln2hi, ln2lo, vmin):
@@ -123,7 +100,7 @@ def _make_gate_fn(f, deg, ln2hi, ln2lo, vmin):
     with e^r - 1 on |r| <= ln(2)/2 by its Taylor polynomial of degree ``deg`` and a Cody-Waite
     split ln2hi + ln2lo of ln 2; exp(-w) is taken as 0 below exp(vmin), the smallest normal
     number.  Relatively accurate near 0 (m is exact there), no overflow; within 3 ulp of the true
-    values (tests/test_kernels.py; measured: float64 2.5-2.8, float32 2.1-2.4 ulp, where NumPy's
+    values (tests/test_kernels.py; measured: float64 2.2-2.8, float32 2.1-2.4 ulp, where NumPy's
     float32 sigmoid and tanh are within 3.2 and 1.4)."""
     C = tuple(f(1.0 / math.factorial(k)) for k in range(1, deg + 1))
     log2e, ln2hi, ln2lo, vmin = f(_LOG2E), f(ln2hi), f(ln2lo), f(vmin)
@@ -156,32 +133,48 @@ _gate64 = _make_gate_fn(np.float64, 13, _LN2HI, _LN2LO, _VMIN)
 _gate32 = _make_gate_fn(np.float32, 7, 0.693359375, -2.12194440e-4, -87.0)
 
 
-def _generic(i, name):
-    """A function of one float dispatching on its type: float64 directly; for float32, exp
-    evaluated in float64 and rounded once (within about half an ulp, like a correctly rounded
-    libm), sigmoid and tanh in float32 arithmetic (:func:`_make_gate32`, within 2.5 ulp)."""
-    def stub(z):
-        raise NotImplementedError
-    stub.__name__ = stub.__qualname__ = name
-    f64, f32 = _F64[i], _F32[i]
-    is_tanh = i == 2
-
-    @overload(stub, jit_options=_ELEM)
-    def _ov(z):
-        if isinstance(z, types.Float) and z.bitwidth == 64:
-            return lambda z: f64(z)
-        if isinstance(z, types.Float) and z.bitwidth == 32:
-            if i == 0:
-                return lambda z: np.float32(f32(np.float64(z)))
-            return lambda z: _gate32(z, is_tanh)
-        return None
-
-    return stub
+def exp_neg(v):
+    raise NotImplementedError
 
 
-exp_neg = _generic(0, "exp_neg")
-sigmoid = _generic(1, "sigmoid")
-tanh = _generic(2, "tanh")
+@overload(exp_neg, jit_options=_ELEM)
+def _exp_neg_ov(v):
+    """e^v for v <= 0: float64 directly; float32 evaluated in float64 and rounded once (within
+    about half an ulp, like a correctly rounded libm)."""
+    if isinstance(v, types.Float) and v.bitwidth == 64:
+        return lambda v: _EXP64(v)
+    if isinstance(v, types.Float) and v.bitwidth == 32:
+        return lambda v: np.float32(_EXP32(np.float64(v)))
+    return None
+
+
+def _gate(z, is_tanh):
+    raise NotImplementedError
+
+
+@overload(_gate, jit_options=_ELEM)
+def _gate_ov(z, is_tanh):
+    """sigma(z), or tanh(z) when ``is_tanh`` (:func:`_make_gate_fn`, in z's own float type): the
+    LSTM's four gate nonlinearities as one function, so that a single vectorised loop covers a
+    whole row of gates (short loops of H, one per gate, leave a scalar remainder each and cost
+    twice as much per element); also every standalone sigmoid and tanh below."""
+    if isinstance(z, types.Float) and z.bitwidth == 64:
+        return lambda z, is_tanh: _gate64(z, is_tanh)
+    if isinstance(z, types.Float) and z.bitwidth == 32:
+        return lambda z, is_tanh: _gate32(z, is_tanh)
+    return None
+
+
+@njit(inline="always", **_ELEM)
+def sigmoid(z):
+    """1/(1+e^-z), as npbptt.cells.sigmoid (no overflow)."""
+    return _gate(z, False)
+
+
+@njit(inline="always", **_ELEM)
+def tanh(z):
+    """tanh z, relatively accurate near 0 as well."""
+    return _gate(z, True)
 
 
 @njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
@@ -243,28 +236,6 @@ def _sum64(v, squares):
         a0 = np.float64(v[k])
         s0 += a0 * a0 if squares else a0
     return (s0 + s1) + (s2 + s3)
-
-
-def _make_gate():
-    def gate(z, is_tanh):
-        raise NotImplementedError
-
-    @overload(gate, jit_options=_ELEM)
-    def _ov(z, is_tanh):
-        """sigma(z), or tanh(z) when ``is_tanh``: the LSTM's four gate nonlinearities as one
-        function (:func:`_make_gate_fn`, in z's own float type), so that a single vectorised
-        loop covers a whole row of gates (short loops of H, one per gate, leave a scalar
-        remainder each and cost twice as much per element)."""
-        if isinstance(z, types.Float) and z.bitwidth == 64:
-            return lambda z, is_tanh: _gate64(z, is_tanh)
-        if isinstance(z, types.Float) and z.bitwidth == 32:
-            return lambda z, is_tanh: _gate32(z, is_tanh)
-        return None
-
-    return gate
-
-
-_gate = _make_gate()
 
 
 # --- GEMM with accumulation -----------------------------------------------------------------------
