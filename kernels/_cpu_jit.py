@@ -3,20 +3,26 @@
 Everything numba compiles for the CPU lives in this one file, so that numba's on-disk cache
 (``cache=True``, keyed on this file) is invalidated by any change to it.
 
-One layer of the stacked network runs over a whole chunk of T steps at a time (§2, stacked
-RNNs: layer l at every step only needs layer l-1's outputs), so the input projections
-``W_ih x_t + b`` of all steps and the weight gradients of all steps are GEMMs done by the caller
-in NumPy; only the recurrence itself is sequential and lives here:
+Two paths, chosen per network by ``npbptt.kernels.cpu._all_fused``:
 
-* :func:`forward_rows`   -- h_t = H(h_{t-1}, x_t) for rows r0:r1 of the batch (the cells of §2,
-  ``npbptt.cells.rnn_step`` / ``lstm_step``), given P[t] = W_ih x_t + b;
-* :func:`backward_rows`  -- the backward recursion (16) restricted to one layer: the pre-activation
-  gradients da_t of every step (``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp``) and, for the
-  probe of Eq. (18), the squared norms of the state gradients b_k;
-* :func:`loss_rows`      -- the read-out losses of ``npbptt.losses`` and their gradients, fused;
+* small networks (every layer's W_ih and W_hh within 256 KiB: the copy task's, the probe's) run a
+  chunk of batch rows through three kernel calls, feature-major (per-step quantities stored
+  transposed, units by rows, so that each gate's block is one long vectorised loop):
+  :func:`small_forward` -- every layer over every step, the input projection W_ih x_t formed
+  step by step while the step's rows are in cache, and the read-out's logits; :func:`loss_rows`;
+  :func:`small_backward` -- the read-out's gradients, then recursion (16) down every layer with
+  the weight gradients of Eq. (15) and the input gradients, step by step;
+* large layers run one layer at a time over a whole chunk of T steps, so that the input
+  projections ``W_ih x_t + b`` of all steps and the weight gradients of all steps are GEMMs done
+  by the caller in NumPy; only the recurrence itself is sequential and lives here:
+  :func:`forward_rows` (h_t = H(h_{t-1}, x_t) for rows r0:r1, the cells of §2,
+  ``npbptt.cells.rnn_step`` / ``lstm_step``) and :func:`backward_rows` (recursion (16) restricted
+  to one layer: the pre-activation gradients da_t, ``npbptt.cells.rnn_step_vjp`` /
+  ``lstm_step_vjp``, and for the probe of Eq. (18) the squared norms of the state gradients b_k);
+  :func:`loss_rows` -- the read-out losses of ``npbptt.losses`` and their gradients, fused.
 
-Each works on a range of batch rows r0:r1 and releases the GIL (``nogil``): the examples of a
-batch never interact, so the caller runs chunks of rows on several threads for a whole sweep.
+Every kernel releases the GIL (``nogil``): the examples of a batch never interact, so the caller
+runs chunks of rows on several threads for a whole sweep.
 
 Activations are passed as int codes (``ACT``) and the cell kind as ``kind`` (0 RNN, 1 LSTM), so
 each kernel is compiled once per float type.  exp, sigmoid and tanh use the vectorisable
@@ -24,10 +30,13 @@ implementations below (numba has no vector libm without Intel's SVML): float64 t
 float32, exp is evaluated in float64 and rounded once (within about half an ulp), sigmoid and tanh
 in float32 lanes, twice as many per instruction (within 2.5 ulp; NumPy's float32: 1.4-3.2 ulp).
 
-Speed rule for every inner loop here: it touches at most four arrays and holds no running sum, so
-that LLVM vectorises it (more arrays need more run-time overlap checks than LLVM allows, and a
+Speed rules for every inner loop here: it touches at most four arrays, through separate views
+(offsets into one array, ``a[3 * n + k]``, keep LLVM from vectorising), and holds no running sum,
+so that LLVM vectorises it (more arrays need more run-time overlap checks than LLVM allows, and a
 floating-point running sum cannot be reordered; either keeps the loop scalar, 3-5x slower).
 Reductions use several interleaved partial sums in float64 instead (``_sum64``, ``_max4``).
+A kernel calls no other jitted kernel of this file's entry points: numba re-optimises a callee
+as part of every caller (2 s of compile time per float type for a driver of the three).
 """
 import math
 
@@ -37,6 +46,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 __all__ = ["ACT", "RNN", "LSTM", "XENT", "MSE", "forward_rows", "backward_rows", "loss_rows",
+           "small_forward", "small_backward",
            "scatter_add_rows"]
 
 ACT = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3}
@@ -242,18 +252,19 @@ def _sum64(v, squares):
 _XXGEMM = {}
 
 
-def _mm(A, B, C, trans_a, coef, accumulate):
+def _mm(A, B, C, trans_a, trans_b, coef, accumulate):
     raise NotImplementedError
 
 
 @overload(_mm, jit_options=_ELEM)
-def _mm_ov(A, B, C, trans_a, coef, accumulate):
-    """C (M, N) <- op(A) @ B, or C += op(A) @ B when ``accumulate`` (BLAS beta = 1: the product is
-    formed and then added, the reference's ``C + A @ B``); op(A) = A (M, K), or A.T for A (K, M)
-    when ``trans_a``.  All three C-contiguous 2-D arrays of one float type; ``coef`` = [1, 0, 1]
-    in that type (alpha and the two betas, passed by pointer).  Calls the same BLAS as numba's
-    np.dot (numba's ``numba_xxgemm`` helper, resolved by name, so callers stay cacheable), which
-    np.dot cannot do: accumulate into C without a temporary."""
+def _mm_ov(A, B, C, trans_a, trans_b, coef, accumulate):
+    """C (M, N) <- op(A) @ op(B), or C += op(A) @ op(B) when ``accumulate`` (BLAS beta = 1: the
+    product is formed and then added, the reference's ``C + A @ B``); op(A) = A (M, K), or A.T
+    for A (K, M) when ``trans_a``; op(B) = B (K, N), or B.T for B (N, K) when ``trans_b``.  All
+    three C-contiguous 2-D arrays of one float type; ``coef`` = [1, 0, 1] in that type (alpha and
+    the two betas, passed by pointer).  Calls the same BLAS as numba's np.dot (numba's
+    ``numba_xxgemm`` helper, resolved by name, so callers stay cacheable), which np.dot cannot
+    do: accumulate into C without a temporary."""
     if not isinstance(A, types.Array) or not isinstance(A.dtype, types.Float):
         return None
     bits = A.dtype.bitwidth
@@ -263,30 +274,28 @@ def _mm_ov(A, B, C, trans_a, coef, accumulate):
     gemm, kind = _XXGEMM[bits], ord("d" if bits == 64 else "s")
     n_, t_ = ord("n"), ord("t")
 
-    def impl(A, B, C, trans_a, coef, accumulate):
+    def impl(A, B, C, trans_a, trans_b, coef, accumulate):
         M, N = C.shape
-        K = B.shape[0]
-        # row-major C = op(A) B is column-major C^T = B^T op(A)^T
-        gemm(kind, n_, t_ if trans_a else n_, N, M, K, coef.ctypes, B.ctypes, N, A.ctypes,
-             M if trans_a else K, coef[2:].ctypes if accumulate else coef[1:].ctypes, C.ctypes, N)
+        K = B.shape[1] if trans_b else B.shape[0]
+        # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T
+        gemm(kind, t_ if trans_b else n_, t_ if trans_a else n_, N, M, K, coef.ctypes, B.ctypes,
+             K if trans_b else N, A.ctypes, M if trans_a else K,
+             coef[2:].ctypes if accumulate else coef[1:].ctypes, C.ctypes, N)
     return impl
 
 
-# --- one layer over a chunk, rows r0:r1 of the batch --------------------------------------------
-# How a layer's input projection W_ih x_t reaches the forward kernel (``mode``):
+# --- one layer over a chunk, rows r0:r1 of the batch (large layers) ------------------------------
+# How a layer's input projection W_ih x_t (+ b) reaches the forward kernels (``mode``):
 FROM_P, FROM_TABLE, FROM_X = 0, 1, 2
 
 
 @njit(**_JIT)
-def forward_rows(kind, act, mode, X, WihT, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
+def forward_rows(kind, act, mode, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
     """Forward pass of one layer over T steps for batch rows r0:r1; equals the layer's part of
     ``npbptt.model._Network.step`` (``npbptt.cells.rnn_step`` / ``lstm_step``) step after step.
 
     mode: where W_ih x_t comes from -- FROM_P: P[t] holds it on entry (one GEMM over all steps by
-          the caller, for large layers); FROM_TABLE: the table row tab[tok[t, b]] = W_ih E[v] + b;
-          FROM_X: computed here step by step, X[t] W_ih^T (small layers: the step's rows stay in
-          cache, and the pre-activation is formed as the reference's x W_ih^T + h W_hh^T)
-    X   : (T, B, in) the layer's inputs (FROM_X; else unused);  WihT: (in, G*H) = W_ih^T
+          the caller); FROM_TABLE: the table row tab[tok[t, b]] = W_ih E[v] + b
     P   : (T, B, G*H) on exit the activations (LSTM: the gates i, f, g(=z), o of each step; RNN:
           h_t itself); on entry W_ih x_t for FROM_P
     bias: (G*H,) b_ih + b_hh (zeros without biases; unused for FROM_TABLE)
@@ -304,24 +313,17 @@ def forward_rows(kind, act, mode, X, WihT, P, bias, tab, tok, WhhT, Hs, Cs, TC, 
     H2, H3 = 2 * H, 3 * H
     # (each loop touches at most four arrays: see the module's speed rule)
     for t in range(T):
-        if mode == FROM_X:                                    # W_ih x_t + W_hh h_{t-1}
-            _mm(X[t, r0:r1], WihT, A, False, coef, False)
-            _mm(Hs[t, r0:r1], WhhT, A, False, coef, True)
-        else:
-            _mm(Hs[t, r0:r1], WhhT, A, False, coef, False)    # W_hh h_{t-1}
+        _mm(Hs[t, r0:r1], WhhT, A, False, False, coef, False)    # W_hh h_{t-1}
         for r in range(r1 - r0):
             b = r0 + r
             p, h = P[t, b], Hs[t + 1, b]
             a = A[r]
             # the pre-activation W_hh h_{t-1} + W_ih x_t + b_ih + b_hh, W_ih x_t (+ b) from the
-            # table, from P[t], or already in A (FROM_X)
+            # table or from P[t]
             if mode == FROM_TABLE:
                 src = tab[tok[t, b]]
                 for j in range(GH):
                     a[j] += src[j]
-            elif mode == FROM_X:
-                for j in range(GH):
-                    a[j] += bias[j]
             else:
                 for j in range(GH):
                     a[j] += p[j] + bias[j]
@@ -349,46 +351,33 @@ def forward_rows(kind, act, mode, X, WihT, P, bias, tab, tok, WhhT, Hs, Cs, TC, 
                     h[j] = o[j] * tc[j]                       # h_t = o_t o tanh(c_t)
 
 
-# Where the gradient reaching a layer's input goes (``down`` of backward_rows):
-DOWN_NONE, DOWN_H, DOWN_EMBED = 0, 1, 2
+# Where the gradient reaching a layer's input goes (``down0`` of small_backward):
+DOWN_NONE, DOWN_EMBED = 0, 2
 
 
 @njit(**_JIT)
-def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq,
-                  X, tok, E, Wih, dWhh, dWih, db, dE, down, r0, r1):
+def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
     """Backward recursion (16) through one layer for batch rows r0:r1, steps T-1 down to t_stop;
     equals ``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp`` applied step after step as in
-    ``npbptt.model._Network.step_vjp``, and, when asked, the layer's terms of Eq. (15)
-    accumulated as ``npbptt.bptt.bptt_reference`` does (step after step, t descending).
+    ``npbptt.model._Network.step_vjp`` (the weight and input gradients are GEMMs over all steps
+    by the caller).
 
     D     : (T, B, G*H) the activations left by :func:`forward_rows`; for t >= t_stop overwritten
             by da_t, the gradient w.r.t. the pre-activations W_ih x_t + W_hh h_{t-1} + b
     Hs, Cs, TC : as left by :func:`forward_rows`
     dHext : (T, B, H) gradient reaching h_t from outside the recurrence at step t (the layer
-            above's input gradient and, for the top layer, the read-out); with ``down`` = DOWN_H
-            row t is then overwritten by da_t W_ih, the gradient reaching the layer below
+            above's input gradient and, for the top layer, the read-out)
     Whh   : (G*H, H) = W_hh, C-contiguous
     sq    : (T, B) or (0, B); when it has rows, sq[t-1, b] += ||b^(layer)_{t-1}||^2 for
             t >= max(t_stop, 1), where b_{t-1} = (dh, dc) is the gradient w.r.t. this layer's
             part of S_{t-1} as the input of step t -- the b_k of recursion (16), k = T-t
-    X, tok, E : the layer's inputs x_t: X (T, B, in), or (X without rows) E[tok[t, b]] for an
-            embedding layer 0 (E (V, in), tok (T, B))
-    Wih   : (G*H, in) = W_ih (for ``down``)
-    dWhh, dWih, db : when dWhh has rows, += sum_t da_t^T h_{t-1}, da_t^T x_t and the batch sum of
-            da_t (db only when it has rows): the per-step products of Eq. (15), each formed and
-            then added, as the reference
-    dE    : (V, in); with ``down`` = DOWN_EMBED, dE[tok[t, b]] += (da_t W_ih)[b], in order
     """
-    T, GH = D.shape[0], D.shape[2]
+    T = D.shape[0]
     H = Hs.shape[2]
     R = r1 - r0
     want_sq = sq.shape[0] > 0
-    grads = dWhh.shape[0] > 0
     dh_rec = np.zeros((R, H), D.dtype)                        # b_{t}, h part, from step t+1
     dc_rec = np.zeros((R, H), D.dtype)                        # b_{t}, c part (LSTM)
-    n_in = Wih.shape[1]
-    xg = np.empty((R, n_in), D.dtype)                         # E[tok] rows, or da_t W_ih rows
-    bs = np.empty(GH, D.dtype)                                # batch sum of da_t
     coef = np.zeros(3, D.dtype)                               # alpha 1, beta 0, beta 1
     coef[0] = coef[2] = 1
     one = D.dtype.type(1)
@@ -415,42 +404,14 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq,
             else:
                 for j in range(H):
                     d[j] = dh[j] * _activate_grad(act, d[j], one)             # dz = dh rho'(z)
-        da = D[t, r0:r1]
         if t > t_stop or want_sq:
-            _mm(da, Whh, dh_rec, False, coef, False)          # dh_{t-1} = da_t W_hh
+            _mm(D[t, r0:r1], Whh, dh_rec, False, False, coef, False)  # dh_{t-1} = da_t W_hh
             if want_sq and t >= 1:
                 for r in range(R):
                     s = _sum64(dh_rec[r], True)
                     if kind == LSTM:
                         s += _sum64(dc_rec[r], True)
                     sq[t - 1, r0 + r] += s
-        if grads:                                             # Eq. (15): b_k . dS_{s-k}/dtheta
-            _mm(da, Hs[t, r0:r1], dWhh, True, coef, True)     # dW_hh += da_t^T h_{t-1}
-            if X.shape[0] > 0:
-                _mm(da, X[t, r0:r1], dWih, True, coef, True)  # dW_ih += da_t^T x_t
-            else:
-                for r in range(R):
-                    src, dst = E[tok[t, r0 + r]], xg[r]       # x_t = E[token]
-                    for c in range(n_in):
-                        dst[c] = src[c]
-                _mm(da, xg, dWih, True, coef, True)
-            if db.shape[0] > 0:
-                for j in range(GH):
-                    bs[j] = 0
-                for r in range(R):
-                    dr = da[r]
-                    for j in range(GH):
-                        bs[j] += dr[j]
-                for j in range(GH):
-                    db[j] += bs[j]
-        if down == DOWN_H:
-            _mm(da, Wih, dHext[t, r0:r1], False, coef, False)  # into h_t of the layer below
-        elif down == DOWN_EMBED:
-            _mm(da, Wih, xg, False, coef, False)
-            for r in range(R):
-                dst, src = dE[tok[t, r0 + r]], xg[r]
-                for c in range(n_in):
-                    dst[c] += src[c]
 
 
 # --- read-out losses -----------------------------------------------------------------------------
@@ -504,3 +465,264 @@ def scatter_add_rows(idx, src, dst):
         d, s = dst[idx[n]], src[n]
         for c in range(s.shape[0]):
             d[c] += s[c]
+
+
+# --- small networks: a whole chunk in one call, feature-major ------------------------------------
+# For networks whose layers are all small (``npbptt.kernels.cpu._fused``) everything runs in one
+# call per chunk of rows, with every per-step quantity stored transposed, units by rows:
+# a^T (G*H, B), h^T and c^T (H, B).  The recurrent products become W_hh h^T (the GEMMs are the
+# same size), and each gate's block of the step is H*B contiguous numbers, so that each
+# nonlinearity is one long vectorised loop over its whole block (in the row-major layout a row
+# holds all four gates of one example: loops of H with a remainder each, or one loop choosing
+# sigma or tanh per lane, which costs a third more).
+
+@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
+def _zero(a):
+    """a[:] = 0 for a 1-D array (an explicit loop: slice assignment compiles to a large generic
+    copy routine)."""
+    for k in range(a.shape[0]):
+        a[k] = 0
+
+
+@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
+def _col_sq(M, acc, add):
+    """acc[b] (=, or += when ``add``) sum_j M[j, b]^2 in float64, for M (H, B)."""
+    if not add:
+        for b in range(acc.shape[0]):
+            acc[b] = 0.0
+    for j in range(M.shape[0]):
+        mj = M[j]
+        for b in range(acc.shape[0]):
+            v = np.float64(mj[b])
+            acc[b] += v * v
+
+
+# Vocabularies up to this size add their table columns W_ih E[x_t] + b by a GEMM with the one-hot
+# matrix of the step's tokens (exact: every other term is a product with 0); larger ones gather
+# (three times slower per element on this machine, but fewer elements).
+_ONE_HOT_MAX = 32
+
+
+@njit(**_JIT)
+def small_forward(kind, act, mode0, X0T, tabT, tok, Wih0, Wih, Whh, bias, PT, HT, CT, TCT, Hrm,
+                  Wdec, out):
+    """Forward pass of every layer over T steps, feature-major; equals
+    ``npbptt.model._Network.step`` (``npbptt.cells.rnn_step`` / ``lstm_step``) step after step.
+
+    mode0 : layer 0's input projection W_ih x_t (+ b): FROM_X, Wih0 X0T[t] (X0T (T, in0, B) the
+            inputs transposed); FROM_TABLE, column tabT[:, tok[t, b]] of the table
+            tabT (G*H, V) = (W_ih E + b_ih + b_hh)^T, tok (T, B) (see _ONE_HOT_MAX)
+    Wih0 (G*H, in0), Wih (L-1, G*H, H), Whh (L, G*H, H): W_ih of layer 0, of layers 1.., W_hh
+    bias (L, G*H) : b_ih + b_hh (zeros without biases)
+    PT  (L, T, G*H, B) <- the activations (LSTM: gates i, f, g(=z), o; RNN: h_t)
+    HT, CT (L, T+1, H, B) : h^T, c^T; [:, 0] the entering state on entry (CT: LSTM only)
+    TCT (L, T, H, B) <- tanh(c_t)^T (LSTM only)
+    Hrm (L, T+1, B, H) : h row-major as well ([:, 0] on entry): the weight gradients' GEMMs
+          da^T h are 25% faster with it than with h^T (BLAS's NN case, not NT)
+    Wdec (O, H), out (K2, B, O) : out[k] <- h_t W_dec^T for the last K2 steps, the read-out
+          without its bias (for :func:`loss_rows`)
+    """
+    L, T, GH, B = PT.shape
+    H = HT.shape[2]
+    n = H * B
+    coef = np.zeros(3, PT.dtype)                              # alpha 1, beta 0, beta 1
+    coef[0] = coef[2] = 1
+    V = tabT.shape[1]
+    oh = np.empty((V if V <= _ONE_HOT_MAX else 0, B), PT.dtype)  # one-hot tokens (V, B)
+    ohf = oh.reshape(-1)
+    for l in range(L):                                        # layer l-1's h_t is layer l's x_t
+        for t in range(T):
+            A = PT[l, t]
+            # a_t^T = W_ih x_t^T + W_hh h_{t-1}^T + b_ih + b_hh (the reference's order)
+            if l == 0 and mode0 == FROM_TABLE:
+                _mm(Whh[0], HT[0, t], A, False, False, coef, False)
+                tk = tok[t]
+                if V <= _ONE_HOT_MAX:                     # + tabT onehot(x_t): a GEMM, not a gather
+                    for k in range(V * B):
+                        ohf[k] = 0
+                    for b in range(B):
+                        oh[tk[b], b] = 1
+                    _mm(tabT, oh, A, False, False, coef, True)
+                else:
+                    for j in range(GH):
+                        a, src = A[j], tabT[j]
+                        for b in range(B):
+                            a[b] += src[tk[b]]
+            else:
+                if l == 0:
+                    _mm(Wih0, X0T[t], A, False, False, coef, False)
+                else:
+                    _mm(Wih[l - 1], HT[l - 1, t + 1], A, False, False, coef, False)
+                _mm(Whh[l], HT[l, t], A, False, False, coef, True)
+                bl = bias[l]
+                for j in range(GH):
+                    a, bj = A[j], bl[j]
+                    for b in range(B):
+                        a[b] += bj
+            af, h = A.reshape(-1), HT[l, t + 1].reshape(-1)
+            if kind == LSTM:
+                # i_t, f_t, o_t = sigma(.), z_t = tanh(.): one loop per block of H*B
+                # (separate views of the gate blocks: offsets into one array keep LLVM from
+                # vectorising these loops)
+                i_f, i, f, z, o = af[:2 * n], af[:n], af[n:2 * n], af[2 * n:3 * n], af[3 * n:]
+                for k in range(2 * n):
+                    i_f[k] = _gate(i_f[k], False)
+                for k in range(n):
+                    z[k] = _gate(z[k], True)
+                for k in range(n):
+                    o[k] = _gate(o[k], False)
+                c, c_prev = CT[l, t + 1].reshape(-1), CT[l, t].reshape(-1)
+                tc = TCT[l, t].reshape(-1)
+                for k in range(n):
+                    c[k] = i[k] * z[k]                            # c_t = i o z + f o c_{t-1}
+                for k in range(n):
+                    c[k] += f[k] * c_prev[k]
+                for k in range(n):
+                    tc[k] = _gate(c[k], True)
+                for k in range(n):
+                    h[k] = o[k] * tc[k]                           # h_t = o_t o tanh(c_t)
+            else:
+                for k in range(n):                                # h_t = rho(a_t)
+                    af[k] = _activate(act, af[k])
+                for k in range(n):
+                    h[k] = af[k]
+            h2, hr = HT[l, t + 1], Hrm[l, t + 1]
+            for b in range(B):
+                hb = hr[b]
+                for j in range(H):
+                    hb[j] = h2[j, b]
+    K2 = out.shape[0]
+    for k in range(K2):
+        _mm(Hrm[L - 1, T - K2 + 1 + k], Wdec, out[k], False, True, coef, False)
+
+
+@njit(**_JIT)
+def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E, t_stop, sq,
+                   dWhh, dWih, dWih0, db, dE, down0, Wdec, out, dWdec, dbdec):
+    """Backward recursion (16) down every layer, feature-major, steps T-1 down to t_stop; equals
+    ``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp`` step after step as in
+    ``npbptt.model._Network.step_vjp`` and the terms of Eq. (15) accumulated as
+    ``npbptt.bptt.bptt_reference`` does (each step's product formed, then added, t descending).
+    It starts from the read-out's loss gradients ``out`` (K2, B, O) left by :func:`loss_rows`
+    (scale d ell / d logits of the last K2 steps): Eq. (16), k < K2, dL_{s-k}/dh_{s-k} = g W_dec,
+    and the read-out's own term of Eq. (2), dWdec (O, H) and dbdec (O,) <- sum_t g_t^T h_t and
+    the sum of g (or, empty, none: the probe).
+
+    PT, Hrm, CT, TCT : as left by :func:`small_forward`; PT[l, t] is overwritten by da_t^T, the
+          gradient w.r.t. the pre-activations (t >= t_stop)
+    dHT (T, H, B) : scratch: the read-out's gradient reaching the top layer's h_t; then, layer
+          by layer, the gradient reaching the layer below (da_t W_ih)
+    Whh, Wih, Wih0 : as for :func:`small_forward`
+    X0, tok, E : layer 0's inputs, row-major: X0 (T, B, in0), or (X0 without rows) E[tok[t, b]]
+    sq  : (T, B) or (0, B); when it has rows, sq[T-1, b] <- ||b_0||^2 = ||d ell/dh_{T-1}||^2 and
+          sq[t-1, b] <- sum over layers of ||b_{t-1}||^2 (the layer's (dh, dc) for S_{t-1}, as
+          the input of step t), t >= max(t_stop, 1): the probe of Eq. (18)
+    dWhh (L, G*H, H), dWih (L-1, G*H, H), dWih0 (G*H, in0), db (L, G*H) or (L, 0): <- the
+          sums of Eq. (15); dWhh of shape (L, 0, 0): no parameter gradients (the probe)
+    dE (V, in0), down0 : with down0 = DOWN_EMBED, dE <- sum over steps and rows of
+          dE[tok[t, b]] += (da_t W_ih)[b], in order
+    """
+    L, T, GH, B = PT.shape
+    H = Hrm.shape[3]
+    n = H * B
+    dt = PT.dtype
+    one = dt.type(1)
+    coef = np.zeros(3, dt)
+    coef[0] = coef[2] = 1
+    want_sq = sq.shape[0] > 0
+    grads = dWhh.shape[1] > 0
+    n_in = Wih0.shape[1]
+    dh2 = np.empty((H, B), dt)                                # b_t, h part, from step t+1
+    dc2 = np.empty((H, B), dt)                                # b_t, c part (LSTM)
+    xr = np.empty((B, n_in), dt)                              # x_t of layer 0 (rows)
+    xT = np.empty((n_in, B), dt)                              # (da_t W_ih)^T of layer 0
+    ones = np.ones((B, 1), dt)
+    acc = np.empty(B, np.float64)
+    dh, dc = dh2.reshape(-1), dc2.reshape(-1)
+    # the read-out: dh_t^T = (g_t W_dec)^T for the last K2 steps, 0 before
+    K2, O = out.shape[0], out.shape[2]
+    _zero(dHT[:T - K2].reshape(-1))
+    _zero(dWdec.reshape(-1))                                  # the accumulators start at 0
+    _zero(dbdec)
+    _zero(sq.reshape(-1))
+    for k in range(K2):
+        g = out[k]
+        _mm(Wdec, g, dHT[T - K2 + k], True, True, coef, False)
+        if dWdec.shape[0] > 0:
+            _mm(g, Hrm[L - 1, T - K2 + 1 + k], dWdec, True, False, coef, True)  # += g^T h_t
+            for b in range(B):
+                gb = g[b]
+                for o in range(O):
+                    dbdec[o] += gb[o]
+    if want_sq:
+        _col_sq(dHT[T - 1], acc, False)
+        for b in range(B):
+            sq[T - 1, b] = acc[b]
+    if grads:
+        _zero(dWhh.reshape(-1))
+        _zero(dWih.reshape(-1))
+        _zero(dWih0.reshape(-1))
+        _zero(db.reshape(-1))
+    if down0 == DOWN_EMBED:
+        _zero(dE.reshape(-1))
+    for l in range(L - 1, -1, -1):
+        for k in range(n):
+            dh[k] = 0
+            dc[k] = 0
+        for t in range(T - 1, t_stop - 1, -1):
+            A = PT[l, t]
+            af, de = A.reshape(-1), dHT[t].reshape(-1)
+            for k in range(n):
+                dh[k] += de[k]                                # dh_t: from step t+1 and from above
+            if kind == LSTM:
+                # (separate views of the gate blocks: offsets into one array keep LLVM from
+                # vectorising these loops)
+                ai, af_, az, ao = af[:n], af[n:2 * n], af[2 * n:3 * n], af[3 * n:]
+                tc, c_prev = TCT[l, t].reshape(-1), CT[l, t].reshape(-1)
+                for k in range(n):                            # dc_t, adding h_t = o_t tanh(c_t)
+                    o, tck = ao[k], tc[k]
+                    dc[k] = dc[k] + dh[k] * o * (one - tck * tck)
+                    ao[k] = dh[k] * tck * o * (one - o)           # d/d(pre-activation of o)
+                for k in range(n):
+                    i, g, dck = ai[k], az[k], dc[k]
+                    ai[k] = dck * g * i * (one - i)                  # i
+                    az[k] = dck * i * (one - g * g)                  # g (z)
+                for k in range(n):
+                    f, dck = af_[k], dc[k]
+                    af_[k] = dck * c_prev[k] * f * (one - f)         # f
+                    dc[k] = dck * f                                  # dc_{t-1} = dc_t f_t
+            else:
+                for k in range(n):
+                    af[k] = dh[k] * _activate_grad(act, af[k], one)  # dz = dh rho'(z)
+            if t > t_stop or want_sq:
+                _mm(Whh[l], A, dh2, True, False, coef, False)    # dh_{t-1}^T = W_hh^T da_t^T
+                if want_sq and t >= 1:
+                    _col_sq(dh2, acc, False)                  # column sums of squares
+                    if kind == LSTM:
+                        _col_sq(dc2, acc, True)
+                    for b in range(B):
+                        sq[t - 1, b] += acc[b]
+            if grads:                                         # Eq. (15): b_k . dS_{s-k}/dtheta
+                _mm(A, Hrm[l, t], dWhh[l], False, False, coef, True)  # dW_hh += da_t^T h_{t-1}
+                if l > 0:
+                    _mm(A, Hrm[l - 1, t + 1], dWih[l - 1], False, False, coef, True)  # += da^T x_t
+                elif X0.shape[0] > 0:
+                    _mm(A, X0[t], dWih0, False, False, coef, True)
+                else:
+                    tk = tok[t]
+                    for b in range(B):                        # x_t = E[token]
+                        src, dst = E[tk[b]], xr[b]
+                        for c in range(n_in):
+                            dst[c] = src[c]
+                    _mm(A, xr, dWih0, False, False, coef, True)
+                if db.shape[1] > 0:                           # the batch sum of da_t, then added
+                    _mm(A, ones, db[l].reshape(GH, 1), False, False, coef, True)
+            if l > 0:                                         # into h_t of the layer below
+                _mm(Wih[l - 1], A, dHT[t], True, False, coef, False)
+            elif down0 == DOWN_EMBED:
+                _mm(Wih0, A, xT, True, False, coef, False)
+                tk = tok[t]
+                for b in range(B):
+                    dst = dE[tk[b]]
+                    for c in range(n_in):
+                        dst[c] += xT[c, b]

@@ -24,13 +24,18 @@ operations changes, so results agree to round-off):
   (:func:`blas_single_thread`): a multi-threaded BLAS spin-waits at every small GEMM of the
   recurrence, which collapses when the cores are shared;
 * within a chunk the stacked network runs layer by layer over all steps (layer l at step t only
-  needs layer l-1 at step t), so ``W_ih x_t`` of every step and the input gradients ``da_t W_ih``
-  are single GEMMs, and the weight gradients ``sum_t da_t^T x_t`` are per-step GEMMs summed over
-  the steps -- the reference's summation order, so float32 errors match the reference's;
-* only the recurrence -- ``W_hh h_{t-1}`` with the cell nonlinearity, and backwards recursion
-  (16)'s ``b_k dS_{s-k}/dS_{s-k-1}`` -- is a sequential loop, jitted in :mod:`._cpu_jit`; with an
-  embedding and a small vocabulary, layer 0's input projection is read from the table
-  ``W_ih E + b`` inside that loop;
+  needs layer l-1 at step t).  Small networks (every layer's W_ih and W_hh within _FUSE_BYTES,
+  :func:`_small_chunk`) do everything step by step in three kernel calls, feature-major (a_t^T
+  (G*H, B): each gate's block is one long vectorised loop): the input projection, the weight
+  gradients ``da_t^T h_{t-1}``, ``da_t^T x_t`` (each step's product formed, then added, as the
+  reference sums them) and the input gradients, while the step's rows are in cache;
+* for large layers only the recurrence -- ``W_hh h_{t-1}`` with the cell nonlinearity, and
+  backwards recursion (16)'s ``b_k dS_{s-k}/dS_{s-k-1}`` -- is a sequential loop, jitted in
+  :mod:`._cpu_jit`; ``W_ih x_t`` of every step and the input gradients ``da_t W_ih`` are single
+  GEMMs, and the weight gradients ``sum_t da_t^T x_t`` per-step GEMMs summed over the steps (the
+  reference's summation order, so float32 errors match the reference's);
+* with an embedding and a small vocabulary, layer 0's input projection is read from the table
+  ``W_ih E + b`` (V, G*H) inside the recurrence;
 * the read-out's losses and their gradients are one fused kernel, in blocks of steps that bound
   memory for large vocabularies, with the 1/B of the batch mean and the 1/K2 of Eq. (15) folded
   into the loss gradient (everything after it is linear in it);
@@ -56,8 +61,9 @@ __all__ = ["bptt", "step_losses", "grad_norms", "supports", "blas_single_thread"
 _BLOCK_ELEMENTS = 1 << 22
 # The batch is split over threads only into chunks of at least this many rows.
 _MIN_ROWS_PER_CHUNK = 8
-# Layers whose W_ih and W_hh take at most this many bytes run fused step by step (see _fused):
-# a quarter of a core's L2 cache here, so that weights, their gradients and a step's rows stay in it.
+# Networks whose every layer's W_ih and W_hh take at most this many bytes run the small path
+# (see _fused): a quarter of a core's L2 cache here, so that weights, their gradients and a step's
+# rows stay in it.
 _FUSE_BYTES = 1 << 18
 
 
@@ -206,15 +212,21 @@ class _Workspace:
 
     def __init__(self):
         self.bufs = {}
+        self.views = {}          # key -> (shape, dtype, the view last handed out)
 
     def get(self, key, shape, dtype):
+        hit = self.views.get(key)
+        if hit is not None and hit[0] == shape and hit[1] == dtype:
+            return hit[2]
         n = math.prod(shape)
         dtype = np.dtype(dtype)
         buf = self.bufs.get((key, dtype))
         if buf is None or buf.size < n:
             buf = np.empty(max(n, 1), dtype)
             self.bufs[(key, dtype)] = buf
-        return buf[:n].reshape(shape)
+        view = buf[:n].reshape(shape)
+        self.views[key] = (tuple(shape), dtype, view)
+        return view
 
 
 _workspaces = {}                 # (calling thread ident, chunk index) -> _Workspace
@@ -253,11 +265,10 @@ def _use_table(net, n_tokens):
 
 
 def _fused(net, l):
-    """Whether layer l computes its input projection W_ih x_t, and in the backward sweep its weight
-    gradients and input gradient, step by step inside the recurrence kernels (while the step's
-    rows are in cache) rather than as GEMMs over all steps: for layers whose W_ih and W_hh fit in
-    _FUSE_BYTES (a large layer would stream its weights and their gradients from memory at
-    every step)."""
+    """Whether layer l is small: its W_ih and W_hh fit in _FUSE_BYTES, so that it can compute its
+    input projection W_ih x_t, its weight gradients and its input gradient step by step while
+    the step's rows are in cache (a large layer would stream its weights and their gradients
+    from memory at every step; it does them as GEMMs over all steps instead)."""
     n_in = net.input_size if l == 0 else net.hidden_size
     G, H = net.gates, net.hidden_size
     return G * H * (n_in + H) * net.dtype.itemsize <= _FUSE_BYTES
@@ -266,8 +277,8 @@ def _fused(net, l):
 def _layer0_input(net, x, D):
     """Layer 0's input projection.  Returns (mode, X, tab, tok): through the embedding table,
     FROM_TABLE with tab (V, G*H) = W_ih E[v] + b_ih + b_hh and the tokens (X None); else the input
-    X (T, B, in) -- E[x_t] or the dense x_t -- and FROM_X (a fused layer: the kernel forms W_ih x_t
-    step by step) or FROM_P with D (T, B, G*H) <- W_ih x_t for every step at once."""
+    X (T, B, in) -- E[x_t] or the dense x_t -- and FROM_P with D (T, B, G*H) <- W_ih x_t for every
+    step at once."""
     p = net.layer(0)
     T, B = x.shape[:2]
     if _use_table(net, T * B):
@@ -280,8 +291,6 @@ def _layer0_input(net, x, D):
         np.take(net.params["embedding.weight"], x, axis=0, out=X)    # e_t = E[x_t]
     else:
         X = np.ascontiguousarray(x, dtype=net.dtype)
-    if _fused(net, 0):
-        return jit.FROM_X, X, None, None
     np.matmul(X.reshape(T * B, -1), p["weight_ih"].T, out=D.reshape(T * B, D.shape[2]))
     return jit.FROM_P, X, None, None
 
@@ -296,7 +305,7 @@ def _forward(net, x, S):
     T, B = x.shape[:2]
     H, GH, dt = net.hidden_size, net.gates * net.hidden_size, net.dtype
     lstm = kind == jit.LSTM
-    none3, none2 = np.empty((0, 0, 0), dt), np.empty((0, 0), dt)
+    none3 = np.empty((0, 0, 0), dt)
     no_tab, no_tok = np.empty((0, GH), dt), np.empty((0, 0), np.int64)
     layers = []
     S_T = tuple(np.empty_like(s) for s in S)
@@ -309,8 +318,6 @@ def _forward(net, x, S):
             mode, X, tab0, tok0 = _layer0_input(net, x, D)
             if mode == jit.FROM_TABLE:
                 tab, tok = tab0.astype(dt, copy=False), tok0
-        elif _fused(net, l):
-            mode = jit.FROM_X
         else:                                            # W_ih x_t for every t at once
             mode = jit.FROM_P
             np.matmul(X.reshape(T * B, -1), p["weight_ih"].T, out=D.reshape(T * B, GH))
@@ -324,11 +331,7 @@ def _forward(net, x, S):
         else:
             Cs = TC = none3
         WhhT = np.ascontiguousarray(p["weight_hh"].T, dtype=dt)
-        if mode == jit.FROM_X:
-            Xk, WihT = X, np.ascontiguousarray(p["weight_ih"].T, dtype=dt)
-        else:
-            Xk, WihT = none3, none2
-        jit.forward_rows(kind, act, mode, Xk, WihT, D, bias, tab, tok, WhhT, Hs, Cs, TC, 0, B)
+        jit.forward_rows(kind, act, mode, D, bias, tab, tok, WhhT, Hs, Cs, TC, 0, B)
         layers.append(_Layer(X, D, Hs, Cs, TC))
         S_T[0][l] = Hs[T]
         if lstm:
@@ -439,53 +442,20 @@ def _backward(net, x, layers, dH, t_stop, sq, grads=None):
     """Recursion (16) down the layers.  ``dH`` (T, B, H) holds on entry the read-out's gradient
     reaching the top layer's h_t (it is then reused for the gradient reaching each layer below);
     each layer's pre-activation gradients da_t (t >= t_stop) give its weight gradients and, through
-    W_ih, the gradient reaching the layer below.  ``x`` are the window's inputs (for the embedding).
+    W_ih, the gradient reaching the layer below, as GEMMs over all steps (:func:`_layer_grads`).
+    ``x`` are the window's inputs (for the embedding).
 
     When ``grads`` is a dict the gradients of the recurrent layers and the embedding are put in it
     (this thread's scratch arrays); else only ``sq`` is accumulated (the probe, see
-    jit.backward_rows).  Fused layers (:func:`_fused`) do all of it inside jit.backward_rows, step
-    by step; the others get their weight and input gradients from GEMMs over all steps
-    (:func:`_layer_grads`)."""
+    jit.backward_rows)."""
     kind, act = _codes(net)
-    dt = net.dtype
-    none3, none2, none1 = np.empty((0, 0, 0), dt), np.empty((0, 0), dt), np.empty(0, dt)
-    no_tok = np.empty((0, 0), np.int64)
     for l in reversed(range(net.num_layers)):
         p = net.layer(l)
         L = layers[l]
-        B = L.D.shape[1]
-        Whh = np.ascontiguousarray(p["weight_hh"], dtype=dt)
-        if not _fused(net, l):
-            jit.backward_rows(kind, act, L.D, L.Hs, L.Cs, L.TC, dH, Whh, t_stop, sq, none3, no_tok,
-                              none2, none2, none2, none2, none1, none2, jit.DOWN_NONE, 0, B)
-            if l > 0 or grads is not None:
-                _layer_grads(net, l, p, L, x[t_stop:], L.D[t_stop:], dH[t_stop:], t_stop, grads)
-            continue
-        X = none3 if L.X is None else L.X
-        embed = l == 0 and net.embedding
-        tok = np.ascontiguousarray(x, dtype=np.int64) if embed else no_tok
-        E = net.params["embedding.weight"] if embed else none2
-        dWhh = dWih = dE = none2
-        db = none1
-        if grads is not None:
-            name = lambda k: f"{k}_l{l}"
-            dWhh = grads[name("weight_hh")] = _grad_buffer(name("weight_hh"), p["weight_hh"])
-            dWih = grads[name("weight_ih")] = _grad_buffer(name("weight_ih"), p["weight_ih"])
-            dWhh.fill(0)
-            dWih.fill(0)
-            if "bias_ih" in p:
-                db = grads[name("bias_ih")] = _grad_buffer(name("bias_ih"), p["bias_ih"])
-                db.fill(0)
-            if embed:
-                dE = grads["embedding.weight"] = _grad_buffer("embedding.weight", E)
-                dE.fill(0)
-        down = jit.DOWN_H if l > 0 else (jit.DOWN_EMBED if embed and grads is not None else jit.DOWN_NONE)
-        Wih = np.ascontiguousarray(p["weight_ih"], dtype=dt) if down != jit.DOWN_NONE else none2
-        jit.backward_rows(kind, act, L.D, L.Hs, L.Cs, L.TC, dH, Whh, t_stop, sq, X, tok, E, Wih,
-                          dWhh, dWih, db, dE, down, 0, B)
-        if grads is not None and "bias_ih" in p:         # the same sum for both biases
-            dbh = grads[name("bias_hh")] = _grad_buffer(name("bias_hh"), p["bias_hh"])
-            dbh[...] = db
+        Whh = np.ascontiguousarray(p["weight_hh"], dtype=net.dtype)
+        jit.backward_rows(kind, act, L.D, L.Hs, L.Cs, L.TC, dH, Whh, t_stop, sq, 0, L.D.shape[1])
+        if l > 0 or grads is not None:
+            _layer_grads(net, l, p, L, x[t_stop:], L.D[t_stop:], dH[t_stop:], t_stop, grads)
 
 
 def _layer_grads(net, l, p, L, x, DA, dX, t_stop, grads):
@@ -522,6 +492,165 @@ def _layer_grads(net, l, p, L, x, DA, dX, t_stop, grads):
         jit.scatter_add_rows(np.ascontiguousarray(x.reshape(-1)), dX0, dE)
 
 
+# --- small networks: one kernel call per chunk, feature-major ---------------------------------------
+def _all_fused(net):
+    """Whether every layer is small (:func:`_fused`): the small path (:func:`_small_chunk`)."""
+    return all(_fused(net, l) for l in range(net.num_layers))
+
+
+class _SmallPlan:
+    """What one chunk of rows of a small network needs for calls of one shape, kept in the chunk's
+    workspace: the parameters stacked over layers as jit.small_forward / small_backward take them,
+    every buffer, and the three kernels' argument tuples over them (small_forward, loss_rows,
+    small_backward).  A call refreshes the
+    parameters (:meth:`refresh`) and the inputs (:meth:`load`) in place and runs the kernels
+    (:meth:`run`): a few microseconds of Python per chunk, which matter because the chunks' Python
+    runs under one GIL.  The accumulators are zeroed by the kernels themselves."""
+
+    def __init__(self, net, T, Bc, K2, loss, scale, probe, table):
+        kind, act = _codes(net)
+        dt, L, H, O = net.dtype, net.num_layers, net.hidden_size, net.output_size
+        GH, n_in, lstm = net.gates * H, net.input_size, kind == jit.LSTM
+        e2, e3 = np.empty((0, 0), dt), np.empty((0, 0, 0), dt)
+        self.T, self.K2, self.lstm, self.embedding = T, K2, lstm, net.embedding
+        self.Whh = np.empty((L, GH, H), dt)                                    # W_hh of each layer
+        self.Wih = np.empty((L - 1, GH, H), dt)                                # W_ih of layers 1..
+        self.Wih0 = np.empty((GH, n_in), dt)                                   # W_ih of layer 0
+        self.bias = np.zeros((L, GH), dt)                                      # b_ih + b_hh
+        self.Wdec, self.bdec = np.empty((O, H), dt), np.empty(O, dt)
+        V = net.vocab_size if net.embedding else 0
+        self.E = np.empty((V, n_in), dt)
+        self.tabT = np.empty((GH, V if table else 0), dt)   # column v: W_ih E[v] + b_ih + b_hh
+        self.tok = np.empty((T, Bc) if net.embedding else (0, 0), np.int64)
+        self.X0 = np.empty((T, Bc, n_in), dt) if not table else e3            # x_t, and transposed
+        self.X0T = np.empty((T, n_in, Bc), dt) if not table else e3
+        self.PT = np.empty((L, T, GH, Bc), dt)
+        self.HT = np.empty((L, T + 1, H, Bc), dt)
+        self.Hrm = np.empty((L, T + 1, Bc, H), dt)
+        self.CT = np.empty((L, T + 1, H, Bc) if lstm else (L, 0, 0, 0), dt)
+        self.TCT = np.empty((L, T, H, Bc) if lstm else (L, 0, 0, 0), dt)
+        self.dHT = np.empty((T, H, Bc), dt)
+        self.ell = np.empty(K2 * Bc, np.float64)
+        self.yi = np.empty(K2 * Bc if loss == "cross_entropy" else 0, np.int64)
+        self.yf = np.empty((K2 * Bc, O) if loss != "cross_entropy" else (0, 0), dt)
+        self.sq = np.empty((T, Bc) if probe else (0, Bc), dt)
+        if probe:
+            self.g = (e2, e3, np.empty((L, 0, 0), dt), np.empty((L, 0), dt), e2)
+            self.dec = (e2, np.empty(0, dt))
+        else:
+            self.g = (np.empty_like(self.Wih0), np.empty_like(self.Wih), np.empty_like(self.Whh),
+                      np.empty((L, GH if "bias_ih_l0" in net.params else 0), dt),
+                      np.empty_like(self.E))                   # dWih0, dWih, dWhh, db, dE
+            self.dec = (np.empty_like(self.Wdec), np.empty_like(self.bdec))
+        mode0 = jit.FROM_TABLE if table else jit.FROM_X
+        X0 = self.X0 if not table else e3
+        out = np.empty((K2, Bc, O), dt)                  # logits, then the loss gradients
+        self.fwd = (kind, act, mode0, self.X0T, self.tabT, self.tok, self.Wih0, self.Wih, self.Whh,
+                    self.bias, self.PT, self.HT, self.CT, self.TCT, self.Hrm, self.Wdec, out)
+        self.loss = (jit.XENT if loss == "cross_entropy" else jit.MSE, out.reshape(K2 * Bc, O),
+                     self.bdec, self.yi, self.yf, dt.type(scale), True, self.ell, 0, K2 * Bc)
+        self.bwd = (kind, act, self.PT, self.Hrm, self.CT, self.TCT, self.dHT, self.Whh, self.Wih,
+                    self.Wih0, X0, self.tok, self.E, 1 if probe else 0, self.sq, self.g[2],
+                    self.g[1], self.g[0], self.g[3], self.g[4],
+                    jit.DOWN_EMBED if net.embedding and not probe else jit.DOWN_NONE, self.Wdec,
+                    out, *self.dec)
+
+    def refresh(self, net):
+        """Copy the current parameters in."""
+        P = net.params
+        for l in range(self.Whh.shape[0]):
+            self.Whh[l] = P[f"weight_hh_l{l}"]
+            if l:
+                self.Wih[l - 1] = P[f"weight_ih_l{l}"]
+            if f"bias_ih_l{l}" in P:
+                np.add(P[f"bias_ih_l{l}"], P[f"bias_hh_l{l}"], out=self.bias[l])
+        self.Wih0[...] = P["weight_ih_l0"]
+        self.Wdec[...] = P["decoder.weight"]
+        self.bdec[...] = P["decoder.bias"]
+        if self.embedding:
+            self.E[...] = P["embedding.weight"]
+        if self.tabT.shape[1]:
+            np.matmul(self.Wih0, self.E.T, out=self.tabT)
+            self.tabT += self.bias[0][:, None]
+
+    def load(self, x, y, S):
+        """The chunk's inputs x (T, Bc) or (T, Bc, in), targets y of the last K2 steps and state S."""
+        if self.embedding:
+            self.tok[...] = x
+        if self.X0.shape[0]:
+            if self.embedding:
+                np.take(self.E, self.tok, axis=0, out=self.X0)        # e_t = E[x_t]
+            else:
+                self.X0[...] = x
+            self.X0T[...] = self.X0.transpose(0, 2, 1)
+        if self.yi.shape[0]:
+            self.yi[...] = y.reshape(-1)
+        else:
+            self.yf[...] = y.reshape(self.yf.shape)
+        self.Hrm[:, 0] = S[0]
+        self.HT[:, 0] = S[0].transpose(0, 2, 1)
+        if self.lstm:
+            self.CT[:, 0] = S[1].transpose(0, 2, 1)
+
+    def run(self):
+        """The three kernels; returns (ell (K2, Bc) float64, S_T (new arrays))."""
+        jit.small_forward(*self.fwd)
+        jit.loss_rows(*self.loss)         # the losses of the last K2 steps and their gradients
+        jit.small_backward(*self.bwd)
+        T = self.T
+        S_T = ((self.Hrm[:, T].copy(), self.CT[:, T].transpose(0, 2, 1).copy()) if self.lstm
+               else (self.Hrm[:, T].copy(),))
+        return self.ell.reshape(self.K2, -1), S_T
+
+
+_PLANS_KEPT = 4                  # per workspace (chunk): the most recent call shapes
+
+
+def _small_chunk(net, x, y, S, K2, loss, scale, probe, n_tokens):
+    """One chunk of rows of a small network (x (T, Bc) tokens or (T, Bc, in) inputs, y the targets
+    of the last K2 steps, S the internal state of these rows): jit.small_forward, jit.loss_rows
+    (the read-out's losses and their gradients on the last K2 steps, scaled by ``scale``) and
+    jit.small_backward (with ``probe`` only the squared state-gradient norms sq (T, Bc), no
+    parameter gradients).  Returns (plan, ell (K2, Bc) float64, S_T); the gradients (plan.g, the
+    stacked recurrent ones dWih0, dWih, dWhh, db, dE, and plan.dec, the read-out's) or plan.sq are
+    this thread's scratch arrays.
+
+    (Three kernel calls rather than one kernel calling the three: numba re-optimises every jitted
+    function a kernel calls as part of it, which cost 2 s more compile time per float type.)"""
+    T, Bc = x.shape[:2]
+    key = (type(net), net.kind, net.activation, net.num_layers, net.hidden_size, net.input_size,
+           net.output_size, net.vocab_size, "bias_ih_l0" in net.params, net.dtype,
+           T, Bc, K2, loss, scale, probe, _use_table(net, n_tokens))
+    ws = _ws()
+    plans = ws.bufs.setdefault("plans", {})
+    plan = plans.pop(key, None) or _SmallPlan(net, T, Bc, K2, loss, scale, probe, key[-1])
+    plans[key] = plan                                    # most recent last
+    while len(plans) > _PLANS_KEPT:
+        del plans[next(iter(plans))]
+    plan.refresh(net)
+    plan.load(x, y, S)
+    ell, S_T = plan.run()
+    return plan, ell, S_T
+
+
+def _small_grads(net, plans):
+    """The gradients of the chunks' plans (see _small_chunk) summed, as a dict in the order of
+    ``net.params`` (fresh arrays)."""
+    add = lambda arrays: arrays[0].copy() if len(arrays) == 1 else sum(arrays[2:], np.add(arrays[0], arrays[1]))
+    dWih0, dWih, dWhh, db, dE = (add([p.g[i] for p in plans]) for i in range(5))
+    dWdec, dbdec = (add([p.dec[i] for p in plans]) for i in range(2))
+    out = {}
+    for name in net.params:
+        if name in ("embedding.weight", "decoder.weight", "decoder.bias"):
+            out[name] = {"embedding.weight": dE, "decoder.weight": dWdec, "decoder.bias": dbdec}[name]
+            continue
+        key, l = name.rsplit("_l", 1)
+        l = int(l)
+        out[name] = {"weight_ih": dWih0 if l == 0 else dWih[l - 1], "weight_hh": dWhh[l],
+                     "bias_ih": db[l], "bias_hh": db[l].copy()}[key]   # one sum for both biases
+    return out
+
+
 # --- the three operations -----------------------------------------------------------------------
 def bptt(net, x, y, S, K1, K2, loss):
     """BPTT(K1, K2) on one chunk by recursion (16); must equal ``npbptt.bptt.bptt_reference``
@@ -532,6 +661,18 @@ def bptt(net, x, y, S, K1, K2, loss):
     K1 = min(K1, T - 1)
     t0 = T - 1 - K1                                      # the state entering step t0 is constant
     Tw, H = K1 + 1, net.hidden_size
+    if _all_fused(net):
+        def small(r0, r1):
+            xc, Sc = x[:, r0:r1], tuple(s[:, r0:r1] for s in S)
+            if t0 > 0:
+                Sc = _advance(net, _rows(xc[:t0], 0, r1 - r0), Sc)
+            plan, ell, S_T = _small_chunk(net, xc[t0:], y[T - K2:, r0:r1], Sc, K2, loss,
+                                          1.0 / (B * K2), False, Tw * B)
+            return ell.sum(axis=1), S_T, plan
+
+        parts = _parallel(small, _chunks(net, B))
+        value = float(np.sum(sum(p[0] for p in parts) / B)) / K2
+        return value, _small_grads(net, [p[2] for p in parts]), _combine_states([p[1] for p in parts])
 
     def rows(r0, r1):
         Bc = r1 - r0
@@ -593,6 +734,14 @@ def grad_norms(net, x, y, S, loss):
         return _reference("grad_norms")(net, x, y, S, loss)
     T, B = x.shape[:2]
     H = net.hidden_size
+    if _all_fused(net):
+        def small(r0, r1):                               # sq[t] = ||b for S_t||^2
+            plan, _, _ = _small_chunk(net, x[:, r0:r1], y[T - 1:, r0:r1],
+                                      tuple(s[:, r0:r1] for s in S), 1, loss, 1.0, True, T * B)
+            return plan.sq.copy()
+
+        sq = np.concatenate(_parallel(small, _chunks(net, B)), axis=1)
+        return np.sqrt(sq[::-1]).astype(np.float64)      # phi[k] for S_{T-k}: k = T-1-t
 
     def rows(r0, r1):
         Bc = r1 - r0

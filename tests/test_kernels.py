@@ -99,20 +99,24 @@ def _bptt_both(prob, K1, K2):
     return ref, got
 
 
+PATHS = st.sampled_from(["small", "large"])
+
+
 @contextlib.contextmanager
-def _layers_path(fused):
-    """A context in which every layer runs fused step by step (the small-layer path: every
-    problem here is small) or none does (the large-layer path, with GEMMs over all steps)."""
+def _layers_path(path):
+    """A context in which the kernels take one of their two paths: "small", every layer small
+    (the one-call feature-major kernel jit.small_chunk: every problem here is small enough) or
+    "large", layer by layer with GEMMs over all steps (as when any layer is large)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_FUSE_BYTES", 1 << 62 if fused else 0)
+        mp.setattr(cpu, "_FUSE_BYTES", 1 << 62 if path == "small" else 0)
         yield
 
 
 @settings(max_examples=80, deadline=None)
-@given(kernel_problems(), st.booleans())
-def test_bptt_kernel_equals_reference_float64(case, fused):
+@given(kernel_problems(), PATHS)
+def test_bptt_kernel_equals_reference_float64(case, path):
     prob, K1, K2 = case
-    with _layers_path(fused):
+    with _layers_path(path):
         (l_ref, g_ref, S_ref), (l_got, g_got, S_got) = _bptt_both(prob, K1, K2)
     assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
     assert list(g_got) == list(g_ref)
@@ -134,12 +138,12 @@ def test_step_losses_kernel_equals_reference_float64(case):
 
 
 @settings(max_examples=30, deadline=None)
-@given(kernel_problems(max_T=12), st.booleans())
-def test_grad_norms_kernel_equals_reference_float64(case, fused):
+@given(kernel_problems(max_T=12), PATHS)
+def test_grad_norms_kernel_equals_reference_float64(case, path):
     prob, _, _ = case
     x, y, S = _validated(prob)
     phi_ref = grad_norms_reference(prob.net, x, y, S, prob.loss)
-    with _layers_path(fused):
+    with _layers_path(path):
         phi_got = cpu.grad_norms(prob.net, x, y, S, prob.loss)
     assert phi_got.dtype == np.float64
     _assert_close64(phi_ref, phi_got, "phi")
@@ -178,9 +182,9 @@ def _assert_float32_as_good(ref32, got32, exact, what):
 
 
 @settings(max_examples=50, deadline=None)
-@given(kernel_problems(), st.booleans())
-def test_float32_kernels_error_at_most_twice_the_float32_references(case, fused):
-    with _layers_path(fused):
+@given(kernel_problems(), PATHS)
+def test_float32_kernels_error_at_most_twice_the_float32_references(case, path):
+    with _layers_path(path):
         _float32_check(*case)
 
 
@@ -212,12 +216,12 @@ def _float32_check(prob, K1, K2):
 
 # --- the large-problem code paths on small problems -----------------------------------------------
 @settings(max_examples=25, deadline=None)
-@given(kernel_problems(max_T=9))
-def test_blocked_paths_equal_reference(case):
+@given(kernel_problems(max_T=9), PATHS)
+def test_blocked_paths_equal_reference(case, path):
     """With tiny memory blocks (read-out blocks of one step, step groups in the weight-gradient
     GEMMs, forward blocks in step_losses and in the steps before the window), no layer fused (the
-    large-layer path) and up to five uneven batch chunks (more chunks than pool threads), the
-    kernels still equal the references."""
+    large-layer path) or all (the one-call small path), and up to five uneven batch chunks (more
+    chunks than pool threads), the kernels still equal the references."""
     prob, K1, K2 = case
 
     def five_chunks(net, B):
@@ -226,7 +230,7 @@ def test_blocked_paths_equal_reference(case):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu, "_BLOCK_ELEMENTS", 8)
-        mp.setattr(cpu, "_FUSE_BYTES", 0)
+        mp.setattr(cpu, "_FUSE_BYTES", 1 << 62 if path == "small" else 0)
         mp.setattr(cpu, "_chunks", five_chunks)
         (l_ref, g_ref, S_ref), (l_got, g_got, S_got) = _bptt_both(prob, K1, K2)
         x, y, S = _validated(prob)
