@@ -620,7 +620,8 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
     dWhh (L, G*H, H), dWih (L-1, G*H, H), dWih0 (G*H, in0), db (L, G*H) or (L, 0): <- the
           sums of Eq. (15); dWhh of shape (L, 0, 0): no parameter gradients (the probe)
     dE (V, in0), down0 : with down0 = DOWN_EMBED, dE <- sum over steps and rows of
-          dE[tok[t, b]] += (da_t W_ih)[b], in order
+          dE[tok[t, b]] += (da_t W_ih)[b], in order (for a vocabulary of at most _ONE_HOT_MAX
+          without X0 rows: summed per token first, see ``by_token``)
     """
     L, T, GH, B = PT.shape
     H = Hrm.shape[3]
@@ -636,6 +637,14 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
     dc2 = np.empty((H, B), dt)                                # b_t, c part (LSTM)
     xr = np.empty((B, n_in), dt)                              # x_t of layer 0 (rows)
     xT = np.empty((n_in, B), dt)                              # (da_t W_ih)^T of layer 0
+    # An embedding with a small vocabulary (layer 0 through the table): layer 0's input terms
+    # sum_t da_t^T E[x_t] and E's gradient depend on da_t only through its sums per token,
+    # dTab[:, v] = sum of da_t[:, b] over the (t, b) with x_t^(b) = v, one GEMM per step with the
+    # tokens' one-hot rows; then dW_ih = dTab E and dE = dTab^T W_ih once.
+    V = E.shape[0]
+    by_token = grads and X0.shape[0] == 0 and V <= _ONE_HOT_MAX
+    dTab = np.zeros((GH, V if by_token else 0), dt)
+    ohT = np.empty((B, V if by_token else 0), dt)
     ones = np.ones((B, 1), dt)
     acc = np.empty(B, np.float64)
     dh, dc = dh2.reshape(-1), dc2.reshape(-1)
@@ -708,6 +717,14 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
                     _mm(A, Hrm[l - 1, t + 1], dWih[l - 1], False, False, coef, True)  # += da^T x_t
                 elif X0.shape[0] > 0:
                     _mm(A, X0[t], dWih0, False, False, coef, True)
+                elif by_token:
+                    tk = tok[t]
+                    for b in range(B):
+                        oh = ohT[b]
+                        for v in range(V):
+                            oh[v] = 0
+                        oh[tk[b]] = 1
+                    _mm(A, ohT, dTab, False, False, coef, True)  # dTab += da_t^T onehot(x_t)
                 else:
                     tk = tok[t]
                     for b in range(B):                        # x_t = E[token]
@@ -719,10 +736,14 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
                     _mm(A, ones, db[l].reshape(GH, 1), False, False, coef, True)
             if l > 0:                                         # into h_t of the layer below
                 _mm(Wih[l - 1], A, dHT[t], True, False, coef, False)
-            elif down0 == DOWN_EMBED:
+            elif down0 == DOWN_EMBED and not by_token:
                 _mm(Wih0, A, xT, True, False, coef, False)
                 tk = tok[t]
                 for b in range(B):
                     dst = dE[tk[b]]
                     for c in range(n_in):
                         dst[c] += xT[c, b]
+    if by_token:
+        _mm(dTab, E, dWih0, False, False, coef, False)        # dW_ih = sum_v dTab[:, v] E[v]^T
+        if down0 == DOWN_EMBED:
+            _mm(dTab, Wih0, dE, True, False, coef, False)     # dE[v] = W_ih^T dTab[:, v]

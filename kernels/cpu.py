@@ -47,6 +47,7 @@ on-disk cache; later processes load them (:func:`warmup` forces both).
 """
 import contextlib
 import math
+import queue
 import threading
 
 import numba
@@ -151,14 +152,26 @@ def _chunks(net, B):
     return [(c * B // n, (c + 1) * B // n) for c in range(n)]
 
 
-_pool = None
+_tasks = None                    # queue.SimpleQueue of (task, chunk index, reply queue)
+_n_workers = 0
+
+
+def _worker():
+    while True:
+        task, c, reply = _tasks.get()
+        try:
+            reply.put((c, True, task(c)))
+        except BaseException as e:   # noqa: BLE001 (handed to the caller, which re-raises it)
+            reply.put((c, False, e))
 
 
 def _parallel(fn, chunks):
     """[fn(r0, r1) for (r0, r1) in chunks], in parallel threads (the calling thread takes the first
     chunk; the kernels and NumPy's BLAS release the GIL), BLAS held at one thread meanwhile.  Each
-    chunk computes in its own workspace (see :class:`_Workspace`)."""
-    global _pool
+    chunk computes in its own workspace (see :class:`_Workspace`).  The worker threads are
+    persistent daemons fed through a ``queue.SimpleQueue`` (C-level; concurrent.futures' Python
+    bookkeeping cost ~20 us a call, 1% of a W1 step); an exception in any chunk is re-raised."""
+    global _tasks, _n_workers
     caller = threading.get_ident()
     with _controller_lock:
         spaces = [_workspaces.setdefault((caller, c), _Workspace()) for c in range(len(chunks))]
@@ -170,16 +183,23 @@ def _parallel(fn, chunks):
     if len(chunks) == 1:
         return [task(0)]
     with _controller_lock:
-        if _pool is None or _pool._max_workers < len(chunks) - 1:
-            from concurrent.futures import ThreadPoolExecutor
-            _pool = ThreadPoolExecutor(len(chunks) - 1, thread_name_prefix="npbptt-kernels")
+        if _tasks is None:
+            _tasks = queue.SimpleQueue()
+        while _n_workers < len(chunks) - 1:
+            threading.Thread(target=_worker, name=f"npbptt-kernels-{_n_workers}", daemon=True).start()
+            _n_workers += 1
+    reply = queue.SimpleQueue()
     with blas_single_thread():
-        futures = [_pool.submit(task, c) for c in range(1, len(chunks))]
+        for c in range(1, len(chunks)):
+            _tasks.put((task, c, reply))
         try:
             first = task(0)
         finally:
-            rest = [f.result() for f in futures]
-    return [first] + rest
+            done = sorted((reply.get() for _ in range(1, len(chunks))), key=lambda r: r[0])
+    for _, ok, value in done:
+        if not ok:
+            raise value
+    return [first] + [value for _, _, value in done]
 
 
 def _rows(a, r0, r1):
@@ -513,6 +533,7 @@ class _SmallPlan:
         GH, n_in, lstm = net.gates * H, net.input_size, kind == jit.LSTM
         e2, e3 = np.empty((0, 0), dt), np.empty((0, 0, 0), dt)
         self.T, self.K2, self.lstm, self.embedding = T, K2, lstm, net.embedding
+        self._names = None
         self.Whh = np.empty((L, GH, H), dt)                                    # W_hh of each layer
         self.Wih = np.empty((L - 1, GH, H), dt)                                # W_ih of layers 1..
         self.Wih0 = np.empty((GH, n_in), dt)                                   # W_ih of layer 0
@@ -555,6 +576,27 @@ class _SmallPlan:
                     jit.DOWN_EMBED if net.embedding and not probe else jit.DOWN_NONE, self.Wdec,
                     out, *self.dec)
 
+    def names(self, net):
+        """[(name, index into g + dec, layer or None, copy)] for the gradient of each parameter of
+        ``net`` (both biases get the same sum, the second as a copy)."""
+        if self._names is None:
+            where = {"weight_ih": (1, -1), "weight_hh": (2, 0), "bias_ih": (3, 0), "bias_hh": (3, 0)}
+            names = []
+            for name in net.params:
+                if name in ("embedding.weight", "decoder.weight", "decoder.bias"):
+                    names.append((name, {"embedding.weight": 4, "decoder.weight": 5,
+                                         "decoder.bias": 6}[name], None, False))
+                    continue
+                key, l = name.rsplit("_l", 1)
+                i, shift = where[key]
+                l = int(l)
+                if key == "weight_ih" and l == 0:
+                    names.append((name, 0, None, False))
+                else:
+                    names.append((name, i, l + shift, key == "bias_hh"))
+            self._names = names
+        return self._names
+
     def refresh(self, net):
         """Copy the current parameters in."""
         P = net.params
@@ -593,13 +635,12 @@ class _SmallPlan:
             self.CT[:, 0] = S[1].transpose(0, 2, 1)
 
     def run(self):
-        """The three kernels; returns (ell (K2, Bc) float64, S_T (new arrays))."""
+        """The three kernels; returns (ell (K2, Bc) float64, S_T), views of this plan's arrays."""
         jit.small_forward(*self.fwd)
         jit.loss_rows(*self.loss)         # the losses of the last K2 steps and their gradients
         jit.small_backward(*self.bwd)
         T = self.T
-        S_T = ((self.Hrm[:, T].copy(), self.CT[:, T].transpose(0, 2, 1).copy()) if self.lstm
-               else (self.Hrm[:, T].copy(),))
+        S_T = (self.Hrm[:, T], self.CT[:, T].transpose(0, 2, 1)) if self.lstm else (self.Hrm[:, T],)
         return self.ell.reshape(self.K2, -1), S_T
 
 
@@ -635,19 +676,18 @@ def _small_chunk(net, x, y, S, K2, loss, scale, probe, n_tokens):
 
 def _small_grads(net, plans):
     """The gradients of the chunks' plans (see _small_chunk) summed, as a dict in the order of
-    ``net.params`` (fresh arrays)."""
-    add = lambda arrays: arrays[0].copy() if len(arrays) == 1 else sum(arrays[2:], np.add(arrays[0], arrays[1]))
-    dWih0, dWih, dWhh, db, dE = (add([p.g[i] for p in plans]) for i in range(5))
-    dWdec, dbdec = (add([p.dec[i] for p in plans]) for i in range(2))
+    ``net.params`` (fresh arrays: views of the sums, one array per parameter)."""
+    if len(plans) == 1:
+        sums = [a.copy() for a in plans[0].g + plans[0].dec]
+    else:
+        sums = [np.add(a, b) for a, b in zip(plans[0].g + plans[0].dec, plans[1].g + plans[1].dec)]
+        for p in plans[2:]:
+            for a, b in zip(sums, p.g + p.dec):
+                a += b
     out = {}
-    for name in net.params:
-        if name in ("embedding.weight", "decoder.weight", "decoder.bias"):
-            out[name] = {"embedding.weight": dE, "decoder.weight": dWdec, "decoder.bias": dbdec}[name]
-            continue
-        key, l = name.rsplit("_l", 1)
-        l = int(l)
-        out[name] = {"weight_ih": dWih0 if l == 0 else dWih[l - 1], "weight_hh": dWhh[l],
-                     "bias_ih": db[l], "bias_hh": db[l].copy()}[key]   # one sum for both biases
+    for name, i, l, copy in plans[0].names(net):
+        a = sums[i] if l is None else sums[i][l]
+        out[name] = a.copy() if copy else a
     return out
 
 
@@ -662,17 +702,21 @@ def bptt(net, x, y, S, K1, K2, loss):
     t0 = T - 1 - K1                                      # the state entering step t0 is constant
     Tw, H = K1 + 1, net.hidden_size
     if _all_fused(net):
+        S_out = tuple(np.empty_like(s) for s in S)      # each chunk writes its rows
+
         def small(r0, r1):
             xc, Sc = x[:, r0:r1], tuple(s[:, r0:r1] for s in S)
             if t0 > 0:
                 Sc = _advance(net, _rows(xc[:t0], 0, r1 - r0), Sc)
             plan, ell, S_T = _small_chunk(net, xc[t0:], y[T - K2:, r0:r1], Sc, K2, loss,
                                           1.0 / (B * K2), False, Tw * B)
-            return ell.sum(axis=1), S_T, plan
+            for a, b in zip(S_out, S_T):
+                a[:, r0:r1] = b
+            return ell.sum(axis=1), plan
 
         parts = _parallel(small, _chunks(net, B))
         value = float(np.sum(sum(p[0] for p in parts) / B)) / K2
-        return value, _small_grads(net, [p[2] for p in parts]), _combine_states([p[1] for p in parts])
+        return value, _small_grads(net, [p[1] for p in parts]), S_out
 
     def rows(r0, r1):
         Bc = r1 - r0
