@@ -467,9 +467,10 @@ def scatter_add_rows(idx, src, dst):
             d[c] += s[c]
 
 
-# --- small networks: a whole chunk in one call, feature-major ------------------------------------
-# For networks whose layers are all small (``npbptt.kernels.cpu._fused``) everything runs in one
-# call per chunk of rows, with every per-step quantity stored transposed, units by rows:
+# --- small networks: a whole chunk in three calls, feature-major --------------------------------
+# For networks whose layers are all small (``npbptt.kernels.cpu._fused``) a chunk of rows runs
+# through small_forward, loss_rows and small_backward, every per-step quantity stored
+# transposed, units by rows:
 # a^T (G*H, B), h^T and c^T (H, B).  The recurrent products become W_hh h^T (the GEMMs are the
 # same size), and each gate's block of the step is H*B contiguous numbers, so that each
 # nonlinearity is one long vectorised loop over its whole block (in the row-major layout a row

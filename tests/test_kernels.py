@@ -109,6 +109,7 @@ def _layers_path(path):
     "large", layer by layer with GEMMs over all steps (as when any layer is large)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu, "_FUSE_BYTES", 1 << 62 if path == "small" else 0)
+        mp.setattr(cpu, "_SMALL_MIN_ROWS32", 0)          # float32 batches of any width too
         yield
 
 
@@ -231,6 +232,7 @@ def test_blocked_paths_equal_reference(case, path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu, "_BLOCK_ELEMENTS", 8)
         mp.setattr(cpu, "_FUSE_BYTES", 1 << 62 if path == "small" else 0)
+        mp.setattr(cpu, "_SMALL_MIN_ROWS32", 0)
         mp.setattr(cpu, "_chunks", five_chunks)
         (l_ref, g_ref, S_ref), (l_got, g_got, S_got) = _bptt_both(prob, K1, K2)
         x, y, S = _validated(prob)
