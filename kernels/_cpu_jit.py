@@ -3,7 +3,7 @@
 Everything numba compiles for the CPU lives in this one file, so that numba's on-disk cache
 (``cache=True``, keyed on this file) is invalidated by any change to it.
 
-Two paths, chosen per network by ``npbptt.kernels.cpu._all_fused``:
+Two paths, chosen per network by ``npbptt.kernels.cpu._small_path``:
 
 * small networks (every layer's W_ih and W_hh within 256 KiB: the copy task's, the probe's) run a
   chunk of batch rows through three kernel calls, feature-major (per-step quantities stored

@@ -815,13 +815,16 @@ def grad_norms(net, x, y, S, loss):
 
 
 def warmup(dtypes=(np.float64, np.float32)):
-    """Compile (or load from numba's cache) every CPU kernel for ``dtypes`` on a tiny problem."""
+    """Compile (or load from numba's cache) every CPU kernel for ``dtypes`` on tiny problems:
+    small networks (the small path, :func:`_small_path`) and networks with a large layer (the
+    layer-by-layer path), RNN and LSTM, both losses."""
     from npbptt.model import LSTM, RNN
     rng = np.random.default_rng(0)
+    B = 2 * max(_MIN_ROWS_PER_CHUNK, _SMALL_MIN_ROWS32)
     for dt in dtypes:
-        for net in (LSTM(2, 2, 1, 3, vocab_size=3, dtype=dt, seed=0),
-                    RNN(2, 2, 1, 3, dtype=dt, seed=0)):
-            B = 2 * _MIN_ROWS_PER_CHUNK
+        for net in (LSTM(2, 2, 1, 3, vocab_size=3, dtype=dt, seed=0), RNN(2, 2, 1, 3, dtype=dt, seed=0),
+                    LSTM(2, 128, 1, 3, vocab_size=3, dtype=dt, seed=0),     # > _FUSE_BYTES
+                    RNN(2, 256, 1, 3, dtype=dt, seed=0)):
             x = rng.integers(0, 3, (3, B)) if net.embedding else rng.standard_normal((3, B, 2)).astype(dt)
             S = net.to_internal(net.init_state(B))
             for loss, y in (("cross_entropy", rng.integers(0, 3, (3, B))),
