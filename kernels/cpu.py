@@ -530,10 +530,10 @@ class _SmallPlan:
     """What one chunk of rows of a small network needs for calls of one shape, kept in the chunk's
     workspace: the parameters stacked over layers as jit.small_forward / small_backward take them,
     every buffer, and the three kernels' argument tuples over them (small_forward, loss_rows,
-    small_backward).  A call refreshes the
-    parameters (:meth:`refresh`) and the inputs (:meth:`load`) in place and runs the kernels
-    (:meth:`run`): a few microseconds of Python per chunk, which matter because the chunks' Python
-    runs under one GIL.  The accumulators are zeroed by the kernels themselves."""
+    small_backward).  A call refreshes the parameters (:meth:`refresh`) and the inputs
+    (:meth:`load`) in place and runs the kernels (:meth:`run`): a few microseconds of Python per
+    chunk, which matter because the chunks' Python runs under one GIL.  The accumulators are
+    zeroed by the kernels themselves."""
 
     def __init__(self, net, T, Bc, K2, loss, scale, probe, table):
         kind, act = _codes(net)
@@ -572,14 +572,13 @@ class _SmallPlan:
                       np.empty_like(self.E))                   # dWih0, dWih, dWhh, db, dE
             self.dec = (np.empty_like(self.Wdec), np.empty_like(self.bdec))
         mode0 = jit.FROM_TABLE if table else jit.FROM_X
-        X0 = self.X0 if not table else e3
         out = np.empty((K2, Bc, O), dt)                  # logits, then the loss gradients
         self.fwd = (kind, act, mode0, self.X0T, self.tabT, self.tok, self.Wih0, self.Wih, self.Whh,
                     self.bias, self.PT, self.HT, self.CT, self.TCT, self.Hrm, self.Wdec, out)
         self.loss = (jit.XENT if loss == "cross_entropy" else jit.MSE, out.reshape(K2 * Bc, O),
                      self.bdec, self.yi, self.yf, dt.type(scale), True, self.ell, 0, K2 * Bc)
         self.bwd = (kind, act, self.PT, self.Hrm, self.CT, self.TCT, self.dHT, self.Whh, self.Wih,
-                    self.Wih0, X0, self.tok, self.E, 1 if probe else 0, self.sq, self.g[2],
+                    self.Wih0, self.X0, self.tok, self.E, 1 if probe else 0, self.sq, self.g[2],
                     self.g[1], self.g[0], self.g[3], self.g[4],
                     jit.DOWN_EMBED if net.embedding and not probe else jit.DOWN_NONE, self.Wdec,
                     out, *self.dec)
