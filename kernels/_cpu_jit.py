@@ -364,8 +364,8 @@ def forward_rows(kind, act, mode, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
                     h[j] = o[j] * tc[j]                       # h_t = o_t o tanh(c_t)
 
 
-# Where the gradient reaching a layer's input goes (``down0`` of small_backward):
-DOWN_NONE, DOWN_EMBED = 0, 2
+# Where the gradient reaching layer 0's input goes (``down0`` of small_backward):
+DOWN_NONE, DOWN_EMBED = 0, 1
 
 
 @njit(**_JIT)
@@ -483,12 +483,11 @@ def scatter_add_rows(idx, src, dst):
 # --- small networks: a whole chunk in three calls, feature-major --------------------------------
 # For networks whose layers are all small (``npbptt.kernels.cpu._fused``) a chunk of rows runs
 # through small_forward, loss_rows and small_backward, every per-step quantity stored
-# transposed, units by rows:
-# a^T (G*H, B), h^T and c^T (H, B).  The recurrent products become W_hh h^T (the GEMMs are the
-# same size), and each gate's block of the step is H*B contiguous numbers, so that each
-# nonlinearity is one long vectorised loop over its whole block (in the row-major layout a row
-# holds all four gates of one example: loops of H with a remainder each, or one loop choosing
-# sigma or tanh per lane, which costs a third more).
+# transposed, units by rows: a^T (G*H, B), h^T and c^T (H, B).  The recurrent products become
+# W_hh h^T (the GEMMs are the same size), and each gate's block of the step is H*B contiguous
+# numbers, so that each nonlinearity is one long vectorised loop over its whole block (in the
+# row-major layout a row holds all four gates of one example: loops of H with a remainder each,
+# or one loop choosing sigma or tanh per lane, which costs a third more).
 
 @njit(**{k: v for k, v in _JIT.items() if k != "cache"})
 def _zero(a):
@@ -552,8 +551,7 @@ def small_forward(kind, act, mode0, X0T, tabT, tok, Wih0, Wih, Whh, bias, PT, HT
                 _mm(Whh[0], HT[0, t], A, False, False, coef, False)
                 tk = tok[t]
                 if V <= _ONE_HOT_MAX:                     # + tabT onehot(x_t): a GEMM, not a gather
-                    for k in range(V * B):
-                        ohf[k] = 0
+                    _zero(ohf)
                     for b in range(B):
                         oh[tk[b], b] = 1
                     _mm(tabT, oh, A, False, False, coef, True)

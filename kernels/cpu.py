@@ -235,6 +235,7 @@ class _Workspace:
     def __init__(self):
         self.bufs = {}
         self.views = {}          # key -> (shape, dtype, the view last handed out)
+        self.plans = {}          # _SmallPlan by call shape, most recent last (see _small_chunk)
 
     def get(self, key, shape, dtype):
         hit = self.views.get(key)
@@ -670,7 +671,7 @@ def _small_chunk(net, x, y, S, K2, loss, scale, probe, n_tokens):
            net.output_size, net.vocab_size, "bias_ih_l0" in net.params, net.dtype,
            T, Bc, K2, loss, scale, probe, _use_table(net, n_tokens))
     ws = _ws()
-    plans = ws.bufs.setdefault("plans", {})
+    plans = ws.plans
     plan = plans.pop(key, None) or _SmallPlan(net, T, Bc, K2, loss, scale, probe, key[-1])
     plans[key] = plan                                    # most recent last
     while len(plans) > _PLANS_KEPT:
@@ -742,7 +743,7 @@ def bptt(net, x, y, S, K1, K2, loss):
         _backward(net, xc[t0:], layers, dH, 0, np.empty((0, Bc), net.dtype), grads)
         return ell.sum(axis=1), grads, S_T
 
-    parts = _parallel(rows, _chunks(net, B))
+    parts = _parallel(rows, chunks)
     ell_sum = sum(p[0] for p in parts)                   # per step, over the whole batch
     value = float(np.sum(ell_sum / B)) / K2
     grads = _combine_grads([p[1] for p in parts], list(net.params))
@@ -809,7 +810,7 @@ def grad_norms(net, x, y, S, loss):
         _backward(net, xc, layers, dH, 1, sq)            # Eq. (16) with K2 = 1: no more losses
         return sq
 
-    sq = np.concatenate(_parallel(rows, _chunks(net, B)), axis=1)
+    sq = np.concatenate(_parallel(rows, chunks), axis=1)
     return np.sqrt(sq[::-1]).astype(np.float64)          # phi[k] for S_{T-k}: k = T-1-t
 
 
