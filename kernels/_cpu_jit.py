@@ -6,12 +6,13 @@ Everything numba compiles for the CPU lives in this one file, so that numba's on
 Two paths, chosen per network by ``npbptt.kernels.cpu._small_path``:
 
 * small networks (every layer's W_ih and W_hh within 256 KiB: the copy task's, the probe's) run a
-  chunk of batch rows through three kernel calls, feature-major (per-step quantities stored
+  chunk of batch rows through two kernel calls, feature-major (per-step quantities stored
   transposed, units by rows, so that each gate's block is one long vectorised loop):
   :func:`small_forward` -- every layer over every step, the input projection W_ih x_t formed
-  step by step while the step's rows are in cache, and the read-out's logits; :func:`loss_rows`;
-  :func:`small_backward` -- the read-out's gradients, then recursion (16) down every layer with
-  the weight gradients of Eq. (15) and the input gradients, step by step;
+  step by step while the step's rows are in cache, and the read-out's logits;
+  :func:`small_backward` -- the read-out's losses and their gradients (:func:`_loss_rows`), then
+  recursion (16) down every layer with the weight gradients of Eq. (15) and the input
+  gradients, step by step;
 * large layers run one layer at a time over a whole chunk of T steps, so that the input
   projections ``W_ih x_t + b`` of all steps and the weight gradients of all steps are GEMMs done
   by the caller in NumPy; only the recurrence itself is sequential and lives here:
@@ -27,7 +28,8 @@ runs chunks of rows on several threads for a whole sweep.
 Activations are passed as int codes (``ACT``) and the cell kind as ``kind`` (0 RNN, 1 LSTM), so
 each kernel is compiled once per float type.  exp, sigmoid and tanh use the vectorisable
 implementations below (numba has no vector libm without Intel's SVML): float64 to 1-3 ulp; for
-float32, exp and tanh are evaluated in float64 and rounded once (within about half an ulp), sigmoid
+float32, exp and tanh are evaluated in float64 and rounded once (within about half an ulp; tanh
+as a rational function, :func:`_tanh32`), sigmoid
 in float32 lanes, twice as many per instruction (within 2.5 ulp, RMS 0.51; the reference's
 float32 sigmoid: 3.5 ulp, RMS 0.59).
 
@@ -37,7 +39,8 @@ so that LLVM vectorises it (more arrays need more run-time overlap checks than L
 floating-point running sum cannot be reordered; either keeps the loop scalar, 3-5x slower).
 Reductions use several interleaved partial sums in float64 instead (``_sum64``, ``_max4``).
 A kernel calls no other jitted kernel of this file's entry points: numba re-optimises a callee
-as part of every caller (2 s of compile time per float type for a driver of the three).
+as part of every caller (2 s of compile time per float type for a driver of the small path's
+kernels; 1.5 s for loading a chunk's inputs inside small_forward instead of in NumPy).
 """
 import math
 
@@ -47,14 +50,14 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 __all__ = ["ACT", "RNN", "LSTM", "XENT", "MSE", "forward_rows", "backward_rows", "loss_rows",
-           "small_forward", "small_backward",
-           "scatter_add_rows"]
+           "small_forward", "small_backward", "scatter_add_rows", "wait_flags"]
 
 ACT = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3}
 RNN, LSTM = 0, 1
 XENT, MSE = 0, 1
 
 _JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+_NOCACHE = {k: v for k, v in _JIT.items() if k != "cache"}   # helpers: compiled inside callers
 
 
 # --- vectorisable elementary functions ---------------------------------------------------------
@@ -142,12 +145,34 @@ def _make_gate_fn(f, deg, ln2hi, ln2lo, vmin):
 
 _gate64 = _make_gate_fn(np.float64, 13, _LN2HI, _LN2LO, _VMIN)
 _gate32 = _make_gate_fn(np.float32, 7, 0.693359375, -2.12194440e-4, -87.0)
-# float32 tanh: evaluated in float64 (degree 8: 2e-10 relative, below float32's half ulp) and
-# rounded once.  In float32 lanes it was within 2.5 ulp, RMS 0.60 ulp against NumPy's 0.46, and
-# through an exploding tanh RNN that extra error compounded past twice the float32 reference's
-# error (hypothesis found it in the probe); rounded once, RMS ~0.3 ulp, at about twice the cost
-# of the float32-lane tanh (sigma stays in float32 lanes: RMS 0.51 ulp, the reference's 0.59).
-_gate64lo = _make_gate_fn(np.float64, 8, _LN2HI, _LN2LO, _VMIN)
+# float32 tanh: x P(x^2) / Q(x^2) in float64, |x| clamped to 9.1 (beyond it tanh rounds to +-1 in
+# float32), rounded once.  P and Q of degree 5 (Q(0) = 1) minimise the relative error on (0, 9.1]
+# (linearised least squares on 6000 Chebyshev points, reweighted by 1/Q ten times; coefficients
+# rounded to float64): max relative error 4.4e-11 on a grid of 4e6 points, far below float32's
+# half ulp (3e-8); over every 16th float32 in [1e-7, 9.1], max 0.5007 ulp, RMS 0.22 ulp.  Cheaper
+# than the exponential form in float64 (2.6 against 3.8 cycles an element here: no range
+# reduction, one division).  In float32 lanes tanh was within 2.5 ulp, RMS 0.60 ulp against
+# NumPy's 0.46, and through an exploding tanh RNN that extra error compounded past twice the
+# float32 reference's error (hypothesis found it in the probe).  sigma stays in float32 lanes:
+# RMS 0.51 ulp, the reference's 0.59.
+_TANH32_X = 9.1
+_TANH32_P = (0.9999999999854043, 0.14098105814652606, 0.00442446328379954, 4.2234181427239974e-05,
+             1.1093454248821818e-07, 3.658041041473105e-11)
+_TANH32_Q = (1.0, 0.47431439118916197, 0.029195927616894858, 0.0005005446858021627,
+             2.6000780200789708e-06, 2.9418571719094906e-09)
+
+
+@njit(**_ELEM)
+def _tanh32(z):
+    """tanh of a float32 z (see _TANH32_P); NaN for NaN."""
+    p0, p1, p2, p3, p4, p5 = _TANH32_P
+    q0, q1, q2, q3, q4, q5 = _TANH32_Q
+    x = np.float64(z)
+    x = math.copysign(_TANH32_X, x) if abs(x) > _TANH32_X else x
+    u = x * x
+    num = x * (((((p5 * u + p4) * u + p3) * u + p2) * u + p1) * u + p0)
+    den = ((((q5 * u + q4) * u + q3) * u + q2) * u + q1) * u + q0
+    return np.float32(num / den)
 
 
 def exp_neg(v):
@@ -172,14 +197,13 @@ def _gate(z, is_tanh):
 @overload(_gate, jit_options=_ELEM)
 def _gate_ov(z, is_tanh):
     """sigma(z), or tanh(z) when ``is_tanh`` (:func:`_make_gate_fn`): float64 in float64; float32
-    sigma in float32 lanes and float32 tanh in float64, rounded once (see ``_gate64lo``).  Behind
+    sigma in float32 lanes and float32 tanh in float64, rounded once (:func:`_tanh32`).  Behind
     every sigmoid and tanh of the kernels; called with a constant ``is_tanh`` (a flag varying per
     lane would evaluate both ways)."""
     if isinstance(z, types.Float) and z.bitwidth == 64:
         return lambda z, is_tanh: _gate64(z, is_tanh)
     if isinstance(z, types.Float) and z.bitwidth == 32:
-        return lambda z, is_tanh: (np.float32(_gate64lo(np.float64(z), True)) if is_tanh
-                                   else _gate32(z, False))
+        return lambda z, is_tanh: _tanh32(z) if is_tanh else _gate32(z, False)
     return None
 
 
@@ -195,7 +219,7 @@ def tanh(z):
     return _gate(z, True)
 
 
-@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+@njit(inline="always", **_NOCACHE)
 def _activate(act, z):
     """rho(z) of the simple RNN (npbptt.cells.ACTIVATIONS) for code ``act``."""
     if act == 0:
@@ -207,7 +231,7 @@ def _activate(act, z):
     return z
 
 
-@njit(inline="always", **{k: v for k, v in _JIT.items() if k != "cache"})
+@njit(inline="always", **_NOCACHE)
 def _activate_grad(act, a, one):
     """rho'(z) written in terms of the output a = rho(z) (npbptt.cells.ACTIVATIONS); ``one`` is
     1 in a's type."""
@@ -221,7 +245,7 @@ def _activate_grad(act, a, one):
 
 
 # --- reductions in float64 ---------------------------------------------------------------------
-@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
+@njit(**_NOCACHE)
 def _max4(v):
     """max(v) with four interleaved partial maxima (exact: max does not round)."""
     n = v.shape[0]
@@ -236,7 +260,7 @@ def _max4(v):
     return max(max(m0, m1), max(m2, m3))
 
 
-@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
+@njit(**_NOCACHE)
 def _sum64(v, squares):
     """sum(v), or sum(v * v) when ``squares``, in float64 with four interleaved partial sums (a
     single running sum is bound by the latency of one addition per element)."""
@@ -430,6 +454,12 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
 # --- read-out losses -----------------------------------------------------------------------------
 @njit(**_JIT)
 def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
+    """:func:`_loss_rows` as an entry point (the large path's)."""
+    _loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1)
+
+
+@njit(**_NOCACHE)
+def _loss_rows(code, out, bias, yi, yf, scale, want_grad, ell, r0, r1):
     """Per-example losses of ``npbptt.losses`` on the read-out, rows r0:r1, fused with their
     gradients; equals ``cross_entropy`` (code 0) or ``mse`` (code 1) of ``npbptt.losses``.
 
@@ -480,16 +510,59 @@ def scatter_add_rows(idx, src, dst):
             d[c] += s[c]
 
 
-# --- small networks: a whole chunk in three calls, feature-major --------------------------------
+# --- thread hand-off ------------------------------------------------------------------------------
+@intrinsic
+def _load_acquire(typingctx, flags, k):
+    """flags[k] for a 1-D int64 array, an atomic load with acquire ordering: another thread's
+    store is seen (a plain load could be hoisted out of a waiting loop), and so is everything
+    that thread wrote before it."""
+    if not (isinstance(flags, types.Array) and flags.dtype == types.int64 and flags.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [args[1]])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(flags, types.intp), codegen
+
+
+@njit(**_NOCACHE)
+def _wait_flags(flags, spins):
+    """Spin until every one of ``flags`` (int64) is set or ``spins`` rounds have passed (~1 ns a
+    round); returns whether they were.  Once they are, spin a little longer (~2 us) so that the
+    thread that set the last one has let go of the GIL before this one wants it back."""
+    n = flags.shape[0]
+    for _ in range(spins):
+        s = 0
+        for k in range(n):
+            s += _load_acquire(flags, k)
+        if s >= n:
+            for _ in range(2048):                    # settle: a load that cannot be hoisted
+                s += _load_acquire(flags, 0)
+            return s >= n
+    return False
+
+
+@njit(**_JIT)
+def wait_flags(flags, spins):
+    """:func:`_wait_flags` as an entry point: without the GIL, the calling thread waits so for the
+    worker threads' chunks (each sets its flag from Python after handing in its result).  Blocking
+    instead costs the wake-up of an idle virtual CPU, 30-150 us here (1-5% of a W1 step)."""
+    return _wait_flags(flags, spins)
+
+
+# --- small networks: a whole chunk in two calls, feature-major ----------------------------------
 # For networks whose layers are all small (``npbptt.kernels.cpu._fused``) a chunk of rows runs
-# through small_forward, loss_rows and small_backward, every per-step quantity stored
+# through small_forward and small_backward, every per-step quantity stored
 # transposed, units by rows: a^T (G*H, B), h^T and c^T (H, B).  The recurrent products become
 # W_hh h^T (the GEMMs are the same size), and each gate's block of the step is H*B contiguous
 # numbers, so that each nonlinearity is one long vectorised loop over its whole block (in the
 # row-major layout a row holds all four gates of one example: loops of H with a remainder each,
 # or one loop choosing sigma or tanh per lane, which costs a third more).
 
-@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
+@njit(**_NOCACHE)
 def _zero(a):
     """a[:] = 0 for a 1-D array (an explicit loop: slice assignment compiles to a large generic
     copy routine)."""
@@ -497,7 +570,7 @@ def _zero(a):
         a[k] = 0
 
 
-@njit(**{k: v for k, v in _JIT.items() if k != "cache"})
+@njit(**_NOCACHE)
 def _col_sq(M, acc, add):
     """acc[b] (=, or += when ``add``) sum_j M[j, b]^2 in float64, for M (H, B)."""
     if not add:
@@ -518,7 +591,7 @@ _ONE_HOT_MAX = 32
 
 @njit(**_JIT)
 def small_forward(kind, act, mode0, X0T, tabT, tok, Wih0, Wih, Whh, bias, PT, HT, CT, TCT, Hrm,
-                  Wdec, out):
+                  Wdec, out, posted):
     """Forward pass of every layer over T steps, feature-major; equals
     ``npbptt.model._Network.step`` (``npbptt.cells.rnn_step`` / ``lstm_step``) step after step.
 
@@ -533,8 +606,13 @@ def small_forward(kind, act, mode0, X0T, tabT, tok, Wih0, Wih, Whh, bias, PT, HT
     Hrm (L, T+1, B, H) : h row-major as well ([:, 0] on entry): the weight gradients' GEMMs
           da^T h are 25% faster with it than with h^T (BLAS's NN case, not NT)
     Wdec (O, H), out (K2, B, O) : out[k] <- h_t W_dec^T for the last K2 steps, the read-out
-          without its bias (for :func:`loss_rows`)
+          without its bias (for the losses of :func:`small_backward`)
+    posted (int64) <- 1 on entry: tells idle worker threads spinning on it that their chunks are
+          queued (set here, once the calling thread has let go of the GIL, so that a worker
+          waking up to take it does not have to wait for it)
     """
+    for w in range(posted.shape[0]):
+        posted[w] = 1
     L, T, GH, B = PT.shape
     H = HT.shape[2]
     n = H * B
@@ -610,15 +688,20 @@ def small_forward(kind, act, mode0, X0T, tabT, tok, Wih0, Wih, Whh, bias, PT, HT
 
 @njit(**_JIT)
 def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E, t_stop, sq,
-                   dWhh, dWih, dWih0, db, dE, down0, Wdec, out, dWdec, dbdec):
+                   dWhh, dWih, dWih0, db, dE, down0, Wdec, out, dWdec, dbdec, code, bdec, yi, yf,
+                   scale, ell, flags, spins):
     """Backward recursion (16) down every layer, feature-major, steps T-1 down to t_stop; equals
     ``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp`` step after step as in
     ``npbptt.model._Network.step_vjp`` and the terms of Eq. (15) accumulated as
     ``npbptt.bptt.bptt_reference`` does (each step's product formed, then added, t descending).
-    It starts from the read-out's loss gradients ``out`` (K2, B, O) left by :func:`loss_rows`
-    (scale d ell / d logits of the last K2 steps): Eq. (16), k < K2, dL_{s-k}/dh_{s-k} = g W_dec,
-    and the read-out's own term of Eq. (2), dWdec (O, H) and dbdec (O,) <- sum_t g_t^T h_t and
-    the sum of g (or, empty, none: the probe).
+    It starts from the read-out ``out`` (K2, B, O) left by :func:`small_forward` (h_t W_dec^T of
+    the last K2 steps): :func:`_loss_rows` (code, bias bdec, targets yi (K2 * B,) or yf
+    (K2 * B, O)) puts the losses in ell (K2 * B,) float64 and their gradients times ``scale`` in
+    ``out``, g = scale d ell / d logits; then Eq. (16), k < K2, dL_{s-k}/dh_{s-k} = g W_dec, and
+    the read-out's own term of Eq. (2), dWdec (O, H) and dbdec (O,) <- sum_t g_t^T h_t and the
+    sum of g (or, empty, none: the probe).  (The losses here rather than in a third call: each
+    call costs a worker thread a hand-off of the GIL, and two threads handing it over at the same
+    moment wait for each other's wake-up, 20-100 us on this machine's virtual CPUs.)
 
     PT, Hrm, CT, TCT : as left by :func:`small_forward`; PT[l, t] is overwritten by da_t^T, the
           gradient w.r.t. the pre-activations (t >= t_stop)
@@ -634,6 +717,8 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
     dE (V, in0), down0 : with down0 = DOWN_EMBED, dE <- sum over steps and rows of
           dE[tok[t, b]] += (da_t W_ih)[b], in order (for a vocabulary of at most _ONE_HOT_MAX
           without X0 rows: summed per token first, see ``by_token``)
+    flags, spins : when ``flags`` has any (the chunk of the calling thread), wait at the end for
+          the worker threads' chunks (:func:`_wait_flags`), without the GIL
     """
     L, T, GH, B = PT.shape
     H = Hrm.shape[3]
@@ -662,6 +747,7 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
     dh, dc = dh2.reshape(-1), dc2.reshape(-1)
     # the read-out: dh_t^T = (g_t W_dec)^T for the last K2 steps, 0 before
     K2, O = out.shape[0], out.shape[2]
+    _loss_rows(code, out.reshape(K2 * B, O), bdec, yi, yf, scale, True, ell, 0, K2 * B)
     _zero(dHT[:T - K2].reshape(-1))
     _zero(dWdec.reshape(-1))                                  # the accumulators start at 0
     _zero(dbdec)
@@ -767,3 +853,5 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
         _mm(dTab, E, dWih0, False, False, coef, False)        # dW_ih = sum_v dTab[:, v] E[v]^T
         if down0 == DOWN_EMBED:
             _mm(dTab, Wih0, dE, True, False, coef, False)     # dE[v] = W_ih^T dTab[:, v]
+    if flags.shape[0] > 0:
+        _wait_flags(flags, spins)

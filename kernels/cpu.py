@@ -25,7 +25,7 @@ operations changes, so results agree to round-off):
   recurrence, which collapses when the cores are shared;
 * within a chunk the stacked network runs layer by layer over all steps (layer l at step t only
   needs layer l-1 at step t).  Small networks (every layer's W_ih and W_hh within _FUSE_BYTES,
-  :func:`_small_chunk`) do everything step by step in three kernel calls, feature-major (a_t^T
+  :func:`_small_call`) do everything step by step in two kernel calls, feature-major (a_t^T
   (G*H, B): each gate's block is one long vectorised loop): the input projection, the weight
   gradients ``da_t^T h_{t-1}``, ``da_t^T x_t`` (each step's product formed, then added, as the
   reference sums them) and the input gradients, while the step's rows are in cache;
@@ -110,6 +110,16 @@ def _get_controller():
         return _controller
 
 
+def _blas_libs():
+    """threadpoolctl's controllers of the BLAS libraries loaded when the controller was made (the
+    one numba's kernels call among them), selected once: ``select`` costs ~10 us a call."""
+    global _blas_selected
+    if _blas_selected is None:
+        _blas_selected = _get_controller().select(user_api="blas").lib_controllers
+    return _blas_selected
+
+
+_blas_selected = None
 _blas_depth = 0                  # how many blas_single_thread regions are open (any thread)
 _blas_saved = []                 # [(threadpoolctl library controller, its thread count)]
 
@@ -122,7 +132,7 @@ def blas_single_thread():
     controllers: ``ThreadpoolController.limit`` re-queries every library and costs ~0.5 ms a call,
     a tenth of a W1 step."""
     global _blas_depth, _blas_saved
-    libs = _get_controller().select(user_api="blas").lib_controllers
+    libs = _blas_libs()
     with _controller_lock:
         if _blas_depth == 0:
             _blas_saved = [(lc, lc.get_num_threads()) for lc in libs]
@@ -158,50 +168,90 @@ _tasks = None                    # queue.SimpleQueue of (task, chunk index, repl
 _n_workers = 0
 
 
-def _worker():
+# How long the calling thread, its own task done, spins for the workers' (jit.wait_flags) before
+# it blocks (~4 ms: ~1 ns a round), and how long an idle worker spins for the next task before it
+# blocks (~1 ms: a training loop's optimiser step and data fit in it).
+_SPINS = 1 << 22
+_IDLE_SPINS = 1 << 20
+_NO_FLAGS = np.zeros(0, np.int64)
+_posted = np.zeros(256, np.int64)    # _posted[w] = 1: a task was queued since worker w looked
+
+
+def _worker(w):
+    """Worker thread w: runs queued tasks; between them it spins (without the GIL) for up to
+    _IDLE_SPINS rounds on _posted[w] before it blocks on the queue, so that in a loop of calls
+    the next task neither waits for a sleeping thread to wake up (20-50 us here) nor costs its
+    poster the system call that wakes it (~15 us)."""
+    flag = _posted[w:w + 1]
     while True:
-        task, c, reply = _tasks.get()
+        flag[0] = 0
+        try:
+            task, c, reply, done = _tasks.get_nowait()
+        except queue.Empty:
+            if jit.wait_flags(flag, _IDLE_SPINS):
+                continue             # something was posted: take it (or, taken, spin again)
+            task, c, reply, done = _tasks.get()
         try:
             reply.put((c, True, task(c)))
         except BaseException as e:   # noqa: BLE001 (handed to the caller, which re-raises it)
             reply.put((c, False, e))
+        done[c - 1] = 1              # after the reply: the caller's get() then never blocks
 
 
-def _parallel(fn, chunks):
-    """[fn(r0, r1) for (r0, r1) in chunks], in parallel threads (the calling thread takes the first
-    chunk; the kernels and NumPy's BLAS release the GIL), BLAS held at one thread meanwhile.  Each
-    chunk computes in its own workspace (see :class:`_Workspace`).  The worker threads are
-    persistent daemons fed through a ``queue.SimpleQueue`` (C-level; concurrent.futures' Python
-    bookkeeping cost ~20 us a call, 1% of a W1 step); an exception in any chunk is re-raised."""
+def _run_tasks(tasks, first_waits=False):
+    """[task() for task in tasks], in parallel threads: the calling thread runs the first, persistent
+    daemon workers the others (the kernels and NumPy's BLAS release the GIL), BLAS held at one
+    thread meanwhile.  Task c computes in workspace c of the calling thread (see
+    :class:`_Workspace`).  The workers are fed through a ``queue.SimpleQueue`` (C-level;
+    concurrent.futures' Python bookkeeping cost ~20 us a call, 1% of a W1 step); an exception in
+    any task is re-raised.
+
+    The calling thread waits for the workers by spinning without the GIL (jit.wait_flags on flags
+    each worker sets after handing in its result), not by blocking: every sleep and wake-up of a
+    thread on this machine's virtual CPUs costs 20-150 us (a thread waking up to take back the
+    GIL as well).  With ``first_waits`` the first task is called as ``tasks[0](flags, posted)``:
+    its first kernel call tells the idle workers that their tasks are queued (``posted``, see
+    :func:`_worker`) and its last waits for ``flags``, both without the GIL, so that neither a
+    worker starting nor the calling thread finishing waits for the other to let go of it."""
     global _tasks, _n_workers
     caller = threading.get_ident()
     with _controller_lock:
-        spaces = [_workspaces.setdefault((caller, c), _Workspace()) for c in range(len(chunks))]
+        spaces = [_workspaces.setdefault((caller, c), _Workspace()) for c in range(len(tasks))]
 
-    def task(c):
+    def task(c, *flags):
         _current.ws = spaces[c]
-        return fn(*chunks[c])
+        return tasks[c](*flags)
 
-    if len(chunks) == 1:
+    if len(tasks) == 1:
         return [task(0)]
     with _controller_lock:
         if _tasks is None:
             _tasks = queue.SimpleQueue()
-        while _n_workers < len(chunks) - 1:
-            threading.Thread(target=_worker, name=f"npbptt-kernels-{_n_workers}", daemon=True).start()
+        while _n_workers < min(len(tasks) - 1, len(_posted)):
+            threading.Thread(target=_worker, args=(_n_workers,), name=f"npbptt-kernels-{_n_workers}",
+                             daemon=True).start()
             _n_workers += 1
-    reply = queue.SimpleQueue()
+    reply, flags = queue.SimpleQueue(), np.zeros(len(tasks) - 1, np.int64)
     with blas_single_thread():
-        for c in range(1, len(chunks)):
-            _tasks.put((task, c, reply))
+        for c in range(1, len(tasks)):
+            _tasks.put((task, c, reply, flags))
+        if not first_waits:
+            _posted[:_n_workers] = 1
         try:
-            first = task(0)
+            first = task(0, flags, _posted[:_n_workers]) if first_waits else task(0)
         finally:
-            done = sorted((reply.get() for _ in range(1, len(chunks))), key=lambda r: r[0])
+            jit.wait_flags(flags, _SPINS)
+            done = sorted((reply.get() for _ in range(1, len(tasks))), key=lambda r: r[0])
     for _, ok, value in done:
         if not ok:
             raise value
     return [first] + [value for _, _, value in done]
+
+
+def _parallel(fn, chunks):
+    """[fn(r0, r1) for (r0, r1) in chunks], in parallel threads (:func:`_run_tasks`), each chunk
+    in its own workspace."""
+    return _run_tasks([(lambda r0=r0, r1=r1: fn(r0, r1)) for r0, r1 in chunks])
 
 
 def _rows(a, r0, r1):
@@ -235,7 +285,7 @@ class _Workspace:
     def __init__(self):
         self.bufs = {}
         self.views = {}          # key -> (shape, dtype, the view last handed out)
-        self.plans = {}          # _SmallPlan by call shape, most recent last (see _small_chunk)
+        self.plans = {}          # _SmallPlan by call shape, most recent last (see _small_call)
 
     def get(self, key, shape, dtype):
         hit = self.views.get(key)
@@ -517,7 +567,7 @@ def _layer_grads(net, l, p, L, x, DA, dX, t_stop, grads):
 
 # --- small networks: one kernel call per chunk, feature-major ---------------------------------------
 def _small_path(net, chunks):
-    """Whether to run the small path (:func:`_small_chunk`): every layer small (:func:`_fused`)
+    """Whether to run the small path (:func:`_small_call`): every layer small (:func:`_fused`)
     and, for float32, every chunk at least _SMALL_MIN_ROWS32 rows wide.  (Feature-major, the
     batch is the GEMMs' N dimension, which BLAS's float32 kernels process 16 columns at a time:
     narrower chunks waste lanes, and W1-sized networks with 2-15 rows ran 8-19% slower than
@@ -527,22 +577,14 @@ def _small_path(net, chunks):
     return all(_fused(net, l) for l in range(net.num_layers))
 
 
-class _SmallPlan:
-    """What one chunk of rows of a small network needs for calls of one shape, kept in the chunk's
-    workspace: the parameters stacked over layers as jit.small_forward / small_backward take them,
-    every buffer, and the three kernels' argument tuples over them (small_forward, loss_rows,
-    small_backward).  A call refreshes the parameters (:meth:`refresh`) and the inputs
-    (:meth:`load`) in place and runs the kernels (:meth:`run`): a few microseconds of Python per
-    chunk, which matter because the chunks' Python runs under one GIL.  The accumulators are
-    zeroed by the kernels themselves."""
+class _SmallParams:
+    """The parameters of a small network stacked over layers as jit.small_forward / small_backward
+    take them, shared read-only by the chunks of a call and refreshed once per call."""
 
-    def __init__(self, net, T, Bc, K2, loss, scale, probe, table):
-        kind, act = _codes(net)
+    def __init__(self, net, table):
         dt, L, H, O = net.dtype, net.num_layers, net.hidden_size, net.output_size
-        GH, n_in, lstm = net.gates * H, net.input_size, kind == jit.LSTM
-        e2, e3 = np.empty((0, 0), dt), np.empty((0, 0, 0), dt)
-        self.T, self.K2, self.lstm, self.embedding = T, K2, lstm, net.embedding
-        self._names = None
+        GH, n_in = net.gates * H, net.input_size
+        self.embedding = net.embedding
         self.Whh = np.empty((L, GH, H), dt)                                    # W_hh of each layer
         self.Wih = np.empty((L - 1, GH, H), dt)                                # W_ih of layers 1..
         self.Wih0 = np.empty((GH, n_in), dt)                                   # W_ih of layer 0
@@ -551,6 +593,43 @@ class _SmallPlan:
         V = net.vocab_size if net.embedding else 0
         self.E = np.empty((V, n_in), dt)
         self.tabT = np.empty((GH, V if table else 0), dt)   # column v: W_ih E[v] + b_ih + b_hh
+
+    def refresh(self, net):
+        """Copy the current parameters in."""
+        P = net.params
+        for l in range(self.Whh.shape[0]):
+            self.Whh[l] = P[f"weight_hh_l{l}"]
+            if l:
+                self.Wih[l - 1] = P[f"weight_ih_l{l}"]
+            if f"bias_ih_l{l}" in P:
+                np.add(P[f"bias_ih_l{l}"], P[f"bias_hh_l{l}"], out=self.bias[l])
+        self.Wih0[...] = P["weight_ih_l0"]
+        self.Wdec[...] = P["decoder.weight"]
+        self.bdec[...] = P["decoder.bias"]
+        if self.embedding:
+            self.E[...] = P["embedding.weight"]
+        if self.tabT.shape[1]:
+            np.matmul(self.Wih0, self.E.T, out=self.tabT)
+            self.tabT += self.bias[0][:, None]
+
+
+class _SmallPlan:
+    """What one chunk of rows of a small network needs for calls of one shape: its buffers and the
+    two kernels' argument tuples over them and over the call's shared parameters ``prm``
+    (:class:`_SmallParams`): small_forward, small_backward.  The calling thread loads the inputs
+    (:meth:`load`) in place; :meth:`run` runs the kernels: no Python beyond the two kernel calls
+    runs in the worker threads, which matters because it runs under one GIL.  The accumulators
+    are zeroed by the kernels themselves; the gradients are views of one array, ``gflat``, so
+    that the chunks' sum is one addition."""
+
+    def __init__(self, net, prm, T, Bc, K2, loss, scale, probe):
+        kind, act = _codes(net)
+        dt, L, H, O = net.dtype, net.num_layers, net.hidden_size, net.output_size
+        GH, n_in, lstm = net.gates * H, net.input_size, kind == jit.LSTM
+        table = prm.tabT.shape[1] > 0
+        e2, e3 = np.empty((0, 0), dt), np.empty((0, 0, 0), dt)
+        self.T, self.K2, self.lstm, self.embedding, self.prm = T, K2, lstm, net.embedding, prm
+        self._names = None
         self.tok = np.empty((T, Bc) if net.embedding else (0, 0), np.int64)
         self.X0 = np.empty((T, Bc, n_in), dt) if not table else e3            # x_t, and transposed
         self.X0T = np.empty((T, n_in, Bc), dt) if not table else e3
@@ -567,22 +646,24 @@ class _SmallPlan:
         if probe:
             self.g = (e2, e3, np.empty((L, 0, 0), dt), np.empty((L, 0), dt), e2)
             self.dec = (e2, np.empty(0, dt))
-        else:
-            self.g = (np.empty_like(self.Wih0), np.empty_like(self.Wih), np.empty_like(self.Whh),
-                      np.empty((L, GH if "bias_ih_l0" in net.params else 0), dt),
-                      np.empty_like(self.E))                   # dWih0, dWih, dWhh, db, dE
-            self.dec = (np.empty_like(self.Wdec), np.empty_like(self.bdec))
+            self.gflat, self.gshapes = None, None
+        else:                     # dWih0, dWih, dWhh, db, dE, then dWdec, dbdec: views of one array
+            self.gshapes = [prm.Wih0.shape, prm.Wih.shape, prm.Whh.shape,
+                            (L, GH if "bias_ih_l0" in net.params else 0), prm.E.shape,
+                            prm.Wdec.shape, prm.bdec.shape]
+            self.gflat = np.empty(sum(math.prod(shape) for shape in self.gshapes), dt)
+            views = _carve(self.gflat, self.gshapes)
+            self.g, self.dec = tuple(views[:5]), tuple(views[5:])
         mode0 = jit.FROM_TABLE if table else jit.FROM_X
         out = np.empty((K2, Bc, O), dt)                  # logits, then the loss gradients
-        self.fwd = (kind, act, mode0, self.X0T, self.tabT, self.tok, self.Wih0, self.Wih, self.Whh,
-                    self.bias, self.PT, self.HT, self.CT, self.TCT, self.Hrm, self.Wdec, out)
-        self.loss = (jit.XENT if loss == "cross_entropy" else jit.MSE, out.reshape(K2 * Bc, O),
-                     self.bdec, self.yi, self.yf, dt.type(scale), True, self.ell, 0, K2 * Bc)
-        self.bwd = (kind, act, self.PT, self.Hrm, self.CT, self.TCT, self.dHT, self.Whh, self.Wih,
-                    self.Wih0, self.X0, self.tok, self.E, 1 if probe else 0, self.sq, self.g[2],
+        self.fwd = (kind, act, mode0, self.X0T, prm.tabT, self.tok, prm.Wih0, prm.Wih, prm.Whh,
+                    prm.bias, self.PT, self.HT, self.CT, self.TCT, self.Hrm, prm.Wdec, out)
+        self.bwd = (kind, act, self.PT, self.Hrm, self.CT, self.TCT, self.dHT, prm.Whh, prm.Wih,
+                    prm.Wih0, self.X0, self.tok, prm.E, 1 if probe else 0, self.sq, self.g[2],
                     self.g[1], self.g[0], self.g[3], self.g[4],
-                    jit.DOWN_EMBED if net.embedding and not probe else jit.DOWN_NONE, self.Wdec,
-                    out, *self.dec)
+                    jit.DOWN_EMBED if net.embedding and not probe else jit.DOWN_NONE, prm.Wdec,
+                    out, *self.dec, jit.XENT if loss == "cross_entropy" else jit.MSE, prm.bdec,
+                    self.yi, self.yf, dt.type(scale), self.ell)
 
     def names(self, net):
         """[(name, index into g + dec, layer or None, copy)] for the gradient of each parameter of
@@ -605,31 +686,13 @@ class _SmallPlan:
             self._names = names
         return self._names
 
-    def refresh(self, net):
-        """Copy the current parameters in."""
-        P = net.params
-        for l in range(self.Whh.shape[0]):
-            self.Whh[l] = P[f"weight_hh_l{l}"]
-            if l:
-                self.Wih[l - 1] = P[f"weight_ih_l{l}"]
-            if f"bias_ih_l{l}" in P:
-                np.add(P[f"bias_ih_l{l}"], P[f"bias_hh_l{l}"], out=self.bias[l])
-        self.Wih0[...] = P["weight_ih_l0"]
-        self.Wdec[...] = P["decoder.weight"]
-        self.bdec[...] = P["decoder.bias"]
-        if self.embedding:
-            self.E[...] = P["embedding.weight"]
-        if self.tabT.shape[1]:
-            np.matmul(self.Wih0, self.E.T, out=self.tabT)
-            self.tabT += self.bias[0][:, None]
-
     def load(self, x, y, S):
         """The chunk's inputs x (T, Bc) or (T, Bc, in), targets y of the last K2 steps and state S."""
         if self.embedding:
             self.tok[...] = x
         if self.X0.shape[0]:
             if self.embedding:
-                np.take(self.E, self.tok, axis=0, out=self.X0)        # e_t = E[x_t]
+                np.take(self.prm.E, self.tok, axis=0, out=self.X0)    # e_t = E[x_t]
             else:
                 self.X0[...] = x
             self.X0T[...] = self.X0.transpose(0, 2, 1)
@@ -642,56 +705,76 @@ class _SmallPlan:
         if self.lstm:
             self.CT[:, 0] = S[1].transpose(0, 2, 1)
 
-    def run(self):
-        """The three kernels; returns (ell (K2, Bc) float64, S_T), views of this plan's arrays."""
-        jit.small_forward(*self.fwd)
-        jit.loss_rows(*self.loss)         # the losses of the last K2 steps and their gradients
-        jit.small_backward(*self.bwd)
+    def run(self, flags=_NO_FLAGS, posted=_NO_FLAGS):
+        """The chunk's two kernel calls; for the chunk of the calling thread in :func:`_run_tasks`,
+        the first sets ``posted`` and the second then waits for ``flags``."""
+        jit.small_forward(*self.fwd, posted)
+        jit.small_backward(*self.bwd, flags, _SPINS)
+
+    def state(self):
+        """S_T of the chunk's rows (views of this plan's arrays)."""
         T = self.T
-        S_T = (self.Hrm[:, T], self.CT[:, T].transpose(0, 2, 1)) if self.lstm else (self.Hrm[:, T],)
-        return self.ell.reshape(self.K2, -1), S_T
+        return (self.Hrm[:, T], self.CT[:, T].transpose(0, 2, 1)) if self.lstm else (self.Hrm[:, T],)
 
 
-_PLANS_KEPT = 4                  # per workspace (chunk): the most recent call shapes
+_PLANS_KEPT = 4                  # per calling thread: the most recent call shapes
 
 
-def _small_chunk(net, x, y, S, K2, loss, scale, probe, n_tokens):
-    """One chunk of rows of a small network (x (T, Bc) tokens or (T, Bc, in) inputs, y the targets
-    of the last K2 steps, S the internal state of these rows): jit.small_forward, jit.loss_rows
-    (the read-out's losses and their gradients on the last K2 steps, scaled by ``scale``) and
-    jit.small_backward (with ``probe`` only the squared state-gradient norms sq (T, Bc), no
-    parameter gradients).  Returns (plan, ell (K2, Bc) float64, S_T); the gradients (plan.g, the
-    stacked recurrent ones dWih0, dWih, dWhh, db, dE, and plan.dec, the read-out's) or plan.sq are
-    this thread's scratch arrays.
+def _small_call(net, x, y, S, chunks, K2, loss, scale, probe, n_tokens):
+    """A small network over the rows of every chunk, in parallel (x (T, B) tokens or (T, B, in)
+    inputs, y the targets of the last K2 steps, S the internal state): per chunk jit.small_forward
+    and jit.small_backward (the read-out's losses and their gradients on the last K2 steps,
+    scaled by ``scale``, then recursion (16); with ``probe`` only the squared state-gradient norms
+    sq (T, Bc), no parameter gradients).  The parameters are copied in and every chunk's inputs loaded
+    by the calling thread, so that the worker threads run nothing but the kernels.  Returns the
+    chunks' plans (:class:`_SmallPlan`): their gradients (plan.g, the stacked recurrent ones dWih0,
+    dWih, dWhh, db, dE, and plan.dec, the read-out's), plan.ell (K2 * Bc,) float64, plan.sq and
+    plan.state() are the calling thread's scratch arrays, valid until its next call.
 
-    (Three kernel calls rather than one kernel calling the three: numba re-optimises every jitted
+    (Two kernel calls rather than one kernel calling both: numba re-optimises every jitted
     function a kernel calls as part of it, which cost 2 s more compile time per float type.)"""
-    T, Bc = x.shape[:2]
+    T = x.shape[0]
+    table = _use_table(net, n_tokens)
     key = (type(net), net.kind, net.activation, net.num_layers, net.hidden_size, net.input_size,
            net.output_size, net.vocab_size, "bias_ih_l0" in net.params, net.dtype,
-           T, Bc, K2, loss, scale, probe, _use_table(net, n_tokens))
-    ws = _ws()
+           T, tuple(chunks), K2, loss, scale, probe, table)
+    with _controller_lock:
+        ws = _workspaces.setdefault((threading.get_ident(), 0), _Workspace())
     plans = ws.plans
-    plan = plans.pop(key, None) or _SmallPlan(net, T, Bc, K2, loss, scale, probe, key[-1])
-    plans[key] = plan                                    # most recent last
+    entry = plans.pop(key, None)
+    if entry is None:
+        prm = _SmallParams(net, table)
+        entry = prm, [_SmallPlan(net, prm, T, r1 - r0, K2, loss, scale, probe) for r0, r1 in chunks]
+    plans[key] = entry                                   # most recent last
     while len(plans) > _PLANS_KEPT:
         del plans[next(iter(plans))]
-    plan.refresh(net)
-    plan.load(x, y, S)
-    ell, S_T = plan.run()
-    return plan, ell, S_T
+    prm, chunk_plans = entry
+    prm.refresh(net)
+    for (r0, r1), plan in zip(chunks, chunk_plans):
+        plan.load(x[:, r0:r1], y[:, r0:r1], tuple(s[:, r0:r1] for s in S))
+    _run_tasks([plan.run for plan in chunk_plans], first_waits=True)
+    S_out = _combine_states([plan.state() for plan in chunk_plans])
+    return chunk_plans, S_out
+
+
+def _carve(flat, shapes):
+    """Consecutive views of the 1-D array ``flat`` with the given shapes."""
+    views, at = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        views.append(flat[at:at + n].reshape(shape))
+        at += n
+    return views
 
 
 def _small_grads(net, plans):
-    """The gradients of the chunks' plans (see _small_chunk) summed, as a dict in the order of
-    ``net.params`` (fresh arrays: views of the sums, one array per parameter)."""
-    if len(plans) == 1:
-        sums = [a.copy() for a in plans[0].g + plans[0].dec]
-    else:
-        sums = [np.add(a, b) for a, b in zip(plans[0].g + plans[0].dec, plans[1].g + plans[1].dec)]
-        for p in plans[2:]:
-            for a, b in zip(sums, p.g + p.dec):
-                a += b
+    """The gradients of the chunks' plans (see :func:`_small_call`) summed, as a dict in the order
+    of ``net.params``: views of one fresh array, the sum of the plans' ``gflat`` (one addition for
+    all the parameters; the second bias, the same sum, a copy)."""
+    total = plans[0].gflat.copy() if len(plans) == 1 else np.add(plans[0].gflat, plans[1].gflat)
+    for p in plans[2:]:
+        total += p.gflat
+    sums = _carve(total, plans[0].gshapes)
     out = {}
     for name, i, l, copy in plans[0].names(net):
         a = sums[i] if l is None else sums[i][l]
@@ -711,21 +794,15 @@ def bptt(net, x, y, S, K1, K2, loss):
     Tw, H = K1 + 1, net.hidden_size
     chunks = _chunks(net, B)
     if _small_path(net, chunks):
-        S_out = tuple(np.empty_like(s) for s in S)      # each chunk writes its rows
-
-        def small(r0, r1):
-            xc, Sc = x[:, r0:r1], tuple(s[:, r0:r1] for s in S)
-            if t0 > 0:
-                Sc = _advance(net, _rows(xc[:t0], 0, r1 - r0), Sc)
-            plan, ell, S_T = _small_chunk(net, xc[t0:], y[T - K2:, r0:r1], Sc, K2, loss,
-                                          1.0 / (B * K2), False, Tw * B)
-            for a, b in zip(S_out, S_T):
-                a[:, r0:r1] = b
-            return ell.sum(axis=1), plan
-
-        parts = _parallel(small, chunks)
-        value = float(np.sum(sum(p[0] for p in parts) / B)) / K2
-        return value, _small_grads(net, [p[1] for p in parts]), S_out
+        if t0 > 0:                                       # the state entering the window
+            S = _combine_states(_parallel(
+                lambda r0, r1: _advance(net, _rows(x[:t0], r0, r1), tuple(s[:, r0:r1] for s in S)),
+                chunks))
+        plans, S_out = _small_call(net, x[t0:], y[T - K2:], S, chunks, K2, loss, 1.0 / (B * K2),
+                                   False, Tw * B)
+        ell = sum(p.ell.reshape(K2, -1).sum(axis=1) for p in plans)   # per step, over the batch
+        value = float(np.sum(ell / B)) / K2
+        return value, _small_grads(net, plans), S_out
 
     def rows(r0, r1):
         Bc = r1 - r0
@@ -789,12 +866,8 @@ def grad_norms(net, x, y, S, loss):
     H = net.hidden_size
     chunks = _chunks(net, B)
     if _small_path(net, chunks):
-        def small(r0, r1):                               # sq[t] = ||b for S_t||^2
-            plan, _, _ = _small_chunk(net, x[:, r0:r1], y[T - 1:, r0:r1],
-                                      tuple(s[:, r0:r1] for s in S), 1, loss, 1.0, True, T * B)
-            return plan.sq.copy()
-
-        sq = np.concatenate(_parallel(small, chunks), axis=1)
+        plans, _ = _small_call(net, x, y[T - 1:], S, chunks, 1, loss, 1.0, True, T * B)
+        sq = np.concatenate([p.sq for p in plans], axis=1)   # sq[t] = ||b for S_t||^2
         return np.sqrt(sq[::-1]).astype(np.float64)      # phi[k] for S_{T-k}: k = T-1-t
 
     def rows(r0, r1):
