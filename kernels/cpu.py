@@ -47,6 +47,7 @@ on-disk cache; later processes load them (:func:`warmup` forces both).
 """
 import contextlib
 import math
+import os
 import queue
 import threading
 
@@ -304,6 +305,21 @@ class _Workspace:
 
 _workspaces = {}                 # (calling thread ident, chunk index) -> _Workspace
 _current = threading.local()     # .ws: the workspace of the chunk this thread is working on
+
+
+def _after_fork_in_child():
+    """A forked child has none of the parent's worker threads (a queued task would never run, and
+    the caller would wait for it forever) and may hold a lock some parent thread held: start
+    afresh."""
+    global _tasks, _n_workers, _controller_lock, _blas_depth, _blas_saved
+    _tasks, _n_workers = None, 0
+    _posted[:] = 0
+    _controller_lock = threading.Lock()
+    _blas_depth, _blas_saved = 0, []
+    _workspaces.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _ws():

@@ -11,6 +11,9 @@ _float32_check); an error below 4 float32 epsilons counts as that (a result cann
 meaningfully closer than a few roundings of its largest entries).
 """
 import contextlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -419,6 +422,48 @@ def test_blas_single_thread_nests_and_survives_concurrent_callers():
             t.join()
     assert not errors
     assert [(d["filepath"], d["num_threads"]) for d in threadpool_info()] == before
+
+
+_FORK_SCRIPT = """
+import os, sys, time
+import numpy as np
+sys.path.insert(0, {tests!r})
+from problems import make_problem
+from npbptt.kernels import cpu
+from npbptt.validate import check_inputs
+prob = make_problem(np.random.default_rng(5), kind="lstm", layers=2, T=5, B=16, H=4)
+x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
+cpu._chunks = lambda net, B: [(0, B // 2), (B // 2, B)]     # two chunks: a worker thread
+_, g_parent, _ = cpu.bptt(prob.net, x, y, S, 4, 4, prob.loss)
+pid = os.fork()
+if pid == 0:                                                # the child: 0 when it agrees
+    code = 1
+    try:
+        _, g_child, _ = cpu.bptt(prob.net, x, y, S, 4, 4, prob.loss)
+        code = 0 if all(np.array_equal(g_child[k], g_parent[k]) for k in g_parent) else 2
+    finally:
+        os._exit(code)
+deadline = time.monotonic() + 60
+while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    if time.monotonic() > deadline:
+        os.kill(pid, 9)
+        sys.exit("the forked child hung in the kernels")
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_runs_the_kernels_after_the_parent_started_its_threads():
+    """After the parent has run the threaded kernels (worker threads started), a forked child --
+    which has none of those threads -- still computes the same result instead of waiting forever
+    for a worker that does not exist.  (In a fresh process: forking this one, with JAX's and
+    torch's threads in it, could deadlock in their locks instead.)"""
+    script = _FORK_SCRIPT.format(tests=os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_kernel_errors_inside_a_chunk_thread_propagate():
