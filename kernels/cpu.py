@@ -170,10 +170,12 @@ _n_workers = 0
 
 
 # How long the calling thread, its own task done, spins for the workers' (jit.wait_flags) before
-# it blocks (~4 ms: ~1 ns a round), and how long an idle worker spins for the next task before it
-# blocks (~1 ms: a training loop's optimiser step and data fit in it).
+# it blocks, and how long an idle worker spins for the next task before it blocks: ~4 ms each
+# (~1 ns a round).  With ~1 ms, the float64 W1 loop's worker ran out of spin before the next call
+# in half of the calls (its chunk done early, it waits for the caller's chunk, then the caller's
+# Python between calls).
 _SPINS = 1 << 22
-_IDLE_SPINS = 1 << 20
+_IDLE_SPINS = 1 << 22
 _NO_FLAGS = np.zeros(0, np.int64)
 _posted = np.zeros(256, np.int64)    # _posted[w] = 1: a task was queued since worker w looked
 
@@ -182,21 +184,31 @@ def _worker(w):
     """Worker thread w: runs queued tasks; between them it spins (without the GIL) for up to
     _IDLE_SPINS rounds on _posted[w] before it blocks on the queue, so that in a loop of calls
     the next task neither waits for a sleeping thread to wake up (20-50 us here) nor costs its
-    poster the system call that wakes it (~15 us)."""
+    poster the system call that wakes it (~15 us).  A task's caller learns that its result is in
+    the reply queue from flag ``done[c - 1]``, set inside that spin once the GIL is let go."""
     flag = _posted[w:w + 1]
+    signal, k = _NO_FLAGS, 0                 # the done flag still to set, and where
     while True:
         flag[0] = 0
         try:
-            task, c, reply, done = _tasks.get_nowait()
+            item = _tasks.get_nowait()
         except queue.Empty:
-            if jit.wait_flags(flag, _IDLE_SPINS):
+            item = None
+        if item is None:
+            posted = jit.wait_flags(flag, _IDLE_SPINS, signal, k)
+            signal = _NO_FLAGS
+            if posted:
                 continue             # something was posted: take it (or, taken, spin again)
-            task, c, reply, done = _tasks.get()
+            item = _tasks.get()
+        elif signal.shape[0]:
+            signal[k] = 1
+            signal = _NO_FLAGS
+        task, c, reply, done = item
         try:
             reply.put((c, True, task(c)))
         except BaseException as e:   # noqa: BLE001 (handed to the caller, which re-raises it)
             reply.put((c, False, e))
-        done[c - 1] = 1              # after the reply: the caller's get() then never blocks
+        signal, k = done, c - 1      # after the reply: the caller's get() then never blocks
 
 
 def _run_tasks(tasks, first_waits=False):
@@ -241,7 +253,7 @@ def _run_tasks(tasks, first_waits=False):
         try:
             first = task(0, flags, _posted[:_n_workers]) if first_waits else task(0)
         finally:
-            jit.wait_flags(flags, _SPINS)
+            jit.wait_flags(flags, _SPINS, _NO_FLAGS, 0)
             done = sorted((reply.get() for _ in range(1, len(tasks))), key=lambda r: r[0])
     for _, ok, value in done:
         if not ok:
@@ -645,6 +657,7 @@ class _SmallPlan:
         table = prm.tabT.shape[1] > 0
         e2, e3 = np.empty((0, 0), dt), np.empty((0, 0, 0), dt)
         self.T, self.K2, self.lstm, self.embedding, self.prm = T, K2, lstm, net.embedding, prm
+        self._entries = None      # the two kernels' compiled entry points for these arguments
         self._names = None
         self.tok = np.empty((T, Bc) if net.embedding else (0, 0), np.int64)
         self.X0 = np.empty((T, Bc, n_in), dt) if not table else e3            # x_t, and transposed
@@ -724,13 +737,24 @@ class _SmallPlan:
     def run(self, flags=_NO_FLAGS, posted=_NO_FLAGS):
         """The chunk's two kernel calls; for the chunk of the calling thread in :func:`_run_tasks`,
         the first sets ``posted`` and the second then waits for ``flags``."""
-        jit.small_forward(*self.fwd, posted)
-        jit.small_backward(*self.bwd, flags, _SPINS)
+        if self._entries is None:
+            self._entries = (_entry(jit.small_forward, self.fwd + (posted,)),
+                             _entry(jit.small_backward, self.bwd + (flags, _SPINS)))
+        self._entries[0](*self.fwd, posted)
+        self._entries[1](*self.bwd, flags, _SPINS)
 
     def state(self):
         """S_T of the chunk's rows (views of this plan's arrays)."""
         T = self.T
         return (self.Hrm[:, T], self.CT[:, T].transpose(0, 2, 1)) if self.lstm else (self.Hrm[:, T],)
+
+
+def _entry(dispatcher, args):
+    """The compiled entry point of numba ``dispatcher`` for arguments of the types of ``args``
+    (compiled, or loaded from numba's cache, if need be): calling it directly skips numba's type
+    dispatch, which for the small kernels' ~30 arguments holds the GIL ~2.5 us a call, and a
+    second thread wanting the GIL meanwhile sleeps and wakes (20-100 us here)."""
+    return dispatcher.compile(tuple(numba.typeof(a) for a in args))
 
 
 _PLANS_KEPT = 4                  # per calling thread: the most recent call shapes
