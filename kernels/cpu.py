@@ -165,7 +165,7 @@ def _chunks(net, B):
     return [(c * B // n, (c + 1) * B // n) for c in range(n)]
 
 
-_tasks = None                    # queue.SimpleQueue of (task, chunk index, reply queue)
+_tasks = None                    # queue.SimpleQueue of (task, index, reply queue, done flags)
 _n_workers = 0
 
 
