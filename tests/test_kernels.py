@@ -435,6 +435,45 @@ def test_blas_single_thread_nests_and_survives_concurrent_callers():
     assert [(d["filepath"], d["num_threads"]) for d in threadpool_info()] == before
 
 
+def test_concurrent_callers_get_their_own_results():
+    """Several Python threads calling the threaded kernels at once, on problems of different shapes
+    and both paths (so different per-call plans, one shared worker pool), each get exactly what a
+    lone call gives, and the same as the reference."""
+    import threading
+    rng = np.random.default_rng(8)
+    probs = [make_problem(rng, kind=k, layers=l, T=6, B=B, H=H)
+             for k, l, B, H in (("lstm", 2, 40, 6), ("rnn", 1, 33, 5), ("lstm", 1, 24, 40))]
+    errors, alone = [], []
+
+    def caller(i):
+        prob = probs[i]
+        x, y, S = _validated(prob)
+        try:
+            for _ in range(8):
+                loss, grads, S_T = cpu.bptt(prob.net, x, y, S, 5, 3, prob.loss)
+                assert loss == alone[i][0]
+                assert all(np.array_equal(grads[n], alone[i][1][n]) for n in grads)
+                assert all(np.array_equal(a, b) for a, b in zip(S_T, alone[i][2]))
+        except Exception as e:          # noqa: BLE001
+            errors.append(e)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_FUSE_BYTES", 1 << 12)            # the third problem takes the large path
+        mp.setattr(cpu, "_MIN_ROWS_PER_CHUNK", 4)
+        for prob in probs:
+            x, y, S = _validated(prob)
+            ref = bptt_reference(prob.net, x, y, S, 5, 3, prob.loss)
+            got = cpu.bptt(prob.net, x, y, S, 5, 3, prob.loss)
+            _assert_grads_close64(prob, 5, 3, ref[1], got[1])
+            alone.append(got)
+        threads = [threading.Thread(target=caller, args=(i % 3,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+
 _FORK_SCRIPT = """
 import os, sys, time
 import numpy as np
