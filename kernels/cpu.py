@@ -19,8 +19,11 @@ operations changes, so results agree to round-off):
   thread runs the whole call -- forward, read-out, backward, its part of every gradient -- on
   its rows: the examples of a batch never interact, so the only synchronisation is the final sum
   of the per-chunk gradients.  Plain Python threads (the kernels and NumPy's BLAS release the GIL)
-  rather than numba's ``prange``: no barrier spinning when the cores are shared, no parallel-region
-  compile time.  BLAS is held at one thread meanwhile and restored afterwards
+  rather than numba's ``prange``: no parallel-region compile time, and only two bounded spins
+  per call, once per chunk rather than at every step (the hand-off, :func:`_run_tasks` and
+  :func:`_worker`: waiting for the other threads without sleeping, since every sleep and wake-up
+  costs 20-150 us on this machine's virtual CPUs).  BLAS is held at one thread meanwhile and
+  restored afterwards
   (:func:`blas_single_thread`): a multi-threaded BLAS spin-waits at every small GEMM of the
   recurrence, which collapses when the cores are shared;
 * within a chunk the stacked network runs layer by layer over all steps (layer l at step t only
