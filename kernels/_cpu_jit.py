@@ -546,6 +546,24 @@ def _load_acquire(typingctx, flags, k):
     return types.int64(flags, types.intp), codegen
 
 
+@intrinsic
+def _store_release(typingctx, flags, k):
+    """flags[k] = 1 for a 1-D int64 array, an atomic store with release ordering: a thread that
+    sees it (:func:`_load_acquire`) also sees everything this thread wrote before it (x86 orders
+    stores anyway; weaker memory models do not)."""
+    if not (isinstance(flags, types.Array) and flags.dtype == types.int64 and flags.ndim == 1):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from numba.core import cgutils
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, signature.args[0], ary, [args[1]])
+        builder.store_atomic(ir.Constant(ir.IntType(64), 1), ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.none(flags, types.intp), codegen
+
+
 @njit(**_NOCACHE)
 def _wait_flags(flags, spins):
     """Spin until every one of ``flags`` (int64) is set or ``spins`` rounds have passed (~1 ns a
@@ -570,7 +588,7 @@ def wait_flags(flags, spins, signal, k):
     caller then never finds the GIL held by the worker it waited for).  Blocking instead costs
     the wake-up of an idle virtual CPU, 30-150 us here (1-5% of a W1 step)."""
     if signal.shape[0] > 0:
-        signal[k] = 1
+        _store_release(signal, k)
     return _wait_flags(flags, spins)
 
 
@@ -633,7 +651,7 @@ def small_forward(kind, act, mode0, X0T, tabT, tok, Wih0, Wih, Whh, bias, PT, HT
           waking up to take it does not have to wait for it)
     """
     for w in range(posted.shape[0]):
-        posted[w] = 1
+        _store_release(posted, w)
     L, T, GH, B = PT.shape
     H = HT.shape[2]
     n = H * B

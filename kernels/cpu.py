@@ -198,7 +198,12 @@ def _worker(w):
         except queue.Empty:
             item = None
         if item is None:
-            posted = jit.wait_flags(flag, _IDLE_SPINS, signal, k)
+            try:
+                posted = jit.wait_flags(flag, _IDLE_SPINS, signal, k)
+            except BaseException:    # noqa: BLE001 (never: but a dead worker would hang callers)
+                if signal.shape[0]:
+                    signal[k] = 1
+                posted = False
             signal = _NO_FLAGS
             if posted:
                 continue             # something was posted: take it (or, taken, spin again)
@@ -230,9 +235,7 @@ def _run_tasks(tasks, first_waits=False):
     :func:`_worker`) and its last waits for ``flags``, both without the GIL, so that neither a
     worker starting nor the calling thread finishing waits for the other to let go of it."""
     global _tasks, _n_workers
-    caller = threading.get_ident()
-    with _controller_lock:
-        spaces = [_workspaces.setdefault((caller, c), _Workspace()) for c in range(len(tasks))]
+    spaces = _caller_workspaces(len(tasks))
 
     def task(c, *flags):
         _current.ws = spaces[c]
@@ -335,6 +338,13 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _caller_workspaces(n):
+    """Workspaces 0..n-1 of the calling thread (one per chunk of its calls)."""
+    caller = threading.get_ident()
+    with _controller_lock:
+        return [_workspaces.setdefault((caller, c), _Workspace()) for c in range(n)]
 
 
 def _ws():
@@ -659,7 +669,7 @@ class _SmallPlan:
         GH, n_in, lstm = net.gates * H, net.input_size, kind == jit.LSTM
         table = prm.tabT.shape[1] > 0
         e2, e3 = np.empty((0, 0), dt), np.empty((0, 0, 0), dt)
-        self.T, self.K2, self.lstm, self.embedding, self.prm = T, K2, lstm, net.embedding, prm
+        self.T, self.lstm, self.embedding, self.prm = T, lstm, net.embedding, prm
         self._entries = None      # the two kernels' compiled entry points for these arguments
         self._names = None
         self.tok = np.empty((T, Bc) if net.embedding else (0, 0), np.int64)
@@ -781,9 +791,7 @@ def _small_call(net, x, y, S, chunks, K2, loss, scale, probe, n_tokens):
     key = (type(net), net.kind, net.activation, net.num_layers, net.hidden_size, net.input_size,
            net.output_size, net.vocab_size, "bias_ih_l0" in net.params, net.dtype,
            T, tuple(chunks), K2, loss, scale, probe, table)
-    with _controller_lock:
-        ws = _workspaces.setdefault((threading.get_ident(), 0), _Workspace())
-    plans = ws.plans
+    plans = _caller_workspaces(1)[0].plans
     entry = plans.pop(key, None)
     if entry is None:
         prm = _SmallParams(net, table)
