@@ -14,10 +14,14 @@ import math
 
 from numba import config, cuda, float32, float64
 
-__all__ = ["SIM", "TILE", "LOSS_THREADS", "make", "block_threads"]
+__all__ = ["SIM", "TILE", "BM", "LOSS_THREADS", "make", "block_threads"]
 
 SIM = bool(config.ENABLE_CUDASIM)
-TILE = 4 if SIM else 16              # GEMM tile edge (threads per block: TILE * TILE)
+TILE = 2 if SIM else 16              # GEMM: threads per block edge (TILE * TILE threads)
+R = 2 if SIM else 4                  # GEMM: rows and columns of C per thread
+BM = TILE * R                        # GEMM: a block's tile of C is (BM, BM)
+BMP = BM + 1                         # GEMM: shared-memory row length (one column of padding)
+KT = 4 if SIM else 16                # GEMM: the k-slab staged in shared memory
 LOSS_THREADS = 4 if SIM else 128     # threads per read-out row in the loss kernel (power of 2)
 _MAX_LAYER_THREADS = 4 if SIM else 256
 
@@ -28,81 +32,120 @@ def block_threads(H):
     return max(1, min(H, _MAX_LAYER_THREADS))
 
 
-@cuda.jit(device=True)
-def _sigmoid(z):
-    """As npbptt.cells.sigmoid: 1/(1+e^-z), or e^z/(1+e^z) for z < 0."""
-    if z >= 0:
-        return 1 / (1 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1 + e)
-
-
-@cuda.jit(device=True)
-def _activate(act, z):
-    """rho(z) of the simple RNN for code ``act`` (0 tanh, 1 relu, 2 sigmoid, 3 linear)."""
-    if act == 0:
-        return math.tanh(z)
-    if act == 1:
-        return max(z, z - z)
-    if act == 2:
-        return _sigmoid(z)
-    return z
-
-
-@cuda.jit(device=True)
-def _activate_grad(act, a):
-    """rho'(z) in terms of the output a = rho(z) (npbptt.cells.ACTIVATIONS)."""
-    if act == 0:
-        return 1 - a * a
-    if act == 1:
-        return 1 if a > 0 else 0
-    if act == 2:
-        return a * (1 - a)
-    return 1
-
-
 def make(ft):
-    """The kernels for float type ``ft`` (numba.float32 or numba.float64), as a dict."""
+    """The kernels for float type ``ft`` (numba.float32 or numba.float64), as a dict.  Every
+    constant is an ``ft``: a bare Python ``1`` or ``0`` would promote float32 arithmetic to float64
+    (numba types int64 + float32 as float64), and the float32 kernels would then compute, slower,
+    something other than the float32 reference."""
+    zero, one = ft(0), ft(1)
+
+    @cuda.jit(device=True)
+    def _sigmoid(z):
+        """As npbptt.cells.sigmoid: 1/(1+e^-z), or e^z/(1+e^z) for z < 0."""
+        if z >= zero:
+            return one / (one + math.exp(-z))
+        e = math.exp(z)
+        return e / (one + e)
+
+    @cuda.jit(device=True)
+    def _activate(act, z):
+        """rho(z) of the simple RNN for code ``act`` (0 tanh, 1 relu, 2 sigmoid, 3 linear)."""
+        if act == 0:
+            return math.tanh(z)
+        if act == 1:
+            return max(z, zero)
+        if act == 2:
+            return _sigmoid(z)
+        return z
+
+    @cuda.jit(device=True)
+    def _activate_grad(act, a):
+        """rho'(z) in terms of the output a = rho(z) (npbptt.cells.ACTIVATIONS)."""
+        if act == 0:
+            return one - a * a
+        if act == 1:
+            return one if a > zero else zero
+        if act == 2:
+            return a * (one - a)
+        return one
 
     @cuda.jit
     def gemm(A, B, C, ta, tb, step, accumulate):
         """C[i, j] (+)= sum_k op(A)[i, k] op(B)[k, j], op = transpose when ta / tb is 1.
         With step > 0 the k-sum is taken step by step (k in blocks of ``step`` rows, each block's
         sum added to the total), the summation structure of Eq. (15)'s sum over steps of
-        per-step batch sums.  Blocks of (TILE, TILE) threads, one C tile each."""
-        sA = cuda.shared.array((TILE, TILE), ft)
-        sB = cuda.shared.array((TILE, TILE), ft)
+        per-step batch sums.  Each element's k-sum runs in order k = 0, 1, ..., whatever the
+        tiling.  Blocks of (TILE, TILE) threads compute a (BM, BM) tile of C, each thread R x R
+        elements (rows ty + TILE r, columns tx + TILE c: neighbouring threads read neighbouring
+        shared-memory words), over k-slabs of KT staged in shared memory (one padding column
+        against bank conflicts when a slab is stored across its rows)."""
+        sA = cuda.shared.array((KT, BMP), ft)          # sA[kk, r] = op(A)[i0 + r, k0 + kk]
+        sB = cuda.shared.array((KT, BMP), ft)          # sB[kk, c] = op(B)[k0 + kk, j0 + c]
+        acc = cuda.local.array((R, R), ft)
+        tot = cuda.local.array((R, R), ft)
+        bfr = cuda.local.array(R, ft)
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
-        i = cuda.blockIdx.y * TILE + ty
-        j = cuda.blockIdx.x * TILE + tx
+        tid = ty * TILE + tx
+        i0 = cuda.blockIdx.y * BM
+        j0 = cuda.blockIdx.x * BM
         M = A.shape[1] if ta else A.shape[0]
         K = A.shape[0] if ta else A.shape[1]
         N = B.shape[0] if tb else B.shape[1]
-        acc = ft(0)
-        total = ft(0)
-        for k0 in range(0, K, TILE):
-            ka, kb = k0 + tx, k0 + ty
-            if i < M and ka < K:
-                sA[ty, tx] = A[ka, i] if ta else A[i, ka]
-            else:
-                sA[ty, tx] = 0
-            if j < N and kb < K:
-                sB[ty, tx] = B[j, kb] if tb else B[kb, j]
-            else:
-                sB[ty, tx] = 0
+        for r in range(R):
+            for c in range(R):
+                acc[r, c] = zero
+                tot[r, c] = zero
+        nxt = step if step > 0 else K + 1                 # the next step boundary in k
+        for k0 in range(0, K, KT):
+            for e in range(tid, KT * BM, TILE * TILE):    # stage the slabs, reading along rows
+                if ta:                                    # A is (K, M)
+                    kk, r = e // BM, e % BM
+                else:                                     # A is (M, K)
+                    r, kk = e // KT, e % KT
+                v = zero
+                if i0 + r < M and k0 + kk < K:
+                    v = A[k0 + kk, i0 + r] if ta else A[i0 + r, k0 + kk]
+                sA[kk, r] = v
+                if tb:                                    # B is (N, K)
+                    c, kk = e // KT, e % KT
+                else:                                     # B is (K, N)
+                    kk, c = e // BM, e % BM
+                v = zero
+                if j0 + c < N and k0 + kk < K:
+                    v = B[j0 + c, k0 + kk] if tb else B[k0 + kk, j0 + c]
+                sB[kk, c] = v
             cuda.syncthreads()
-            for kk in range(TILE):
-                if step > 0 and (k0 + kk) % step == 0 and k0 + kk > 0:
-                    total += acc                          # end of one step's batch sum
-                    acc = 0
-                acc += sA[ty, kk] * sB[kk, tx]
+            for kk in range(min(KT, K - k0)):
+                if k0 + kk == nxt:                        # end of one step's batch sum
+                    for r in range(R):
+                        for c in range(R):
+                            tot[r, c] += acc[r, c]
+                            acc[r, c] = zero
+                    nxt += step
+                for c in range(R):
+                    bfr[c] = sB[kk, tx + TILE * c]
+                for r in range(R):
+                    a = sA[kk, ty + TILE * r]
+                    for c in range(R):
+                        acc[r, c] += a * bfr[c]
             cuda.syncthreads()
-        total += acc
-        if i < M and j < N:
-            if accumulate:
-                C[i, j] += total
-            else:
-                C[i, j] = total
+        for r in range(R):
+            i = i0 + ty + TILE * r
+            for c in range(R):
+                j = j0 + tx + TILE * c
+                if i < M and j < N:
+                    v = tot[r, c] + acc[r, c]
+                    if accumulate:
+                        C[i, j] += v
+                    else:
+                        C[i, j] = v
+
+    @cuda.jit
+    def fill(F, value):
+        """F[:] = value (F flat; grid-stride)."""
+        start = cuda.grid(1)
+        for e in range(start, F.shape[0], cuda.gridsize(1)):
+            F[e] = value
 
     @cuda.jit
     def add_bias(D, bias):
@@ -129,14 +172,20 @@ def make(ft):
             cuda.atomic.add(dst, (idx[e // C], e % C), src[e // C, e % C])
 
     @cuda.jit
-    def forward_layer(kind, act, P, WhhT, Hs, Cs, TC):
+    def forward_layer(kind, act, P, WhhT, h0, c0, Hs, Cs, TC):
         """One layer over T steps, one block per batch row; equals npbptt.cells.rnn_step /
         lstm_step step after step.  P (T, B, G*H) holds W_ih x_t + b on entry and the activations
-        on exit; WhhT (H, G*H) = W_hh^T; Hs, Cs (T+1, B, H) with Hs[0], Cs[0] the entering state;
-        TC (T, B, H) <- tanh(c_t).  (Layouts as in npbptt.kernels._cpu_jit.forward_rows.)"""
+        on exit; WhhT (H, G*H) = W_hh^T; h0, c0 (B, H) the entering state (c0 LSTM only), copied
+        to Hs[0], Cs[0] of Hs, Cs (T+1, B, H); TC (T, B, H) <- tanh(c_t).  (Layouts as in
+        npbptt.kernels._cpu_jit.forward_rows.)"""
         b = cuda.blockIdx.x
         T = P.shape[0]
         H = Hs.shape[2]
+        for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
+            Hs[0, b, j] = h0[b, j]
+            if kind == 1:
+                Cs[0, b, j] = c0[b, j]
+        cuda.syncthreads()
         for t in range(T):
             for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
                 if kind == 1:
@@ -176,8 +225,8 @@ def make(ft):
         H = Hs.shape[2]
         want_sq = sq.shape[0] > 0
         for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
-            DHR[b, j] = 0
-            DCR[b, j] = 0
+            DHR[b, j] = zero
+            DCR[b, j] = zero
         for t in range(T - 1, t_stop - 1, -1):
             for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
                 dh = DHR[b, j] + dHext[t, b, j]           # from step t+1 and from above
@@ -185,11 +234,11 @@ def make(ft):
                     i, f = D[t, b, j], D[t, b, H + j]
                     g, o = D[t, b, 2 * H + j], D[t, b, 3 * H + j]
                     tc = TC[t, b, j]
-                    dc = DCR[b, j] + dh * o * (1 - tc * tc)   # through h_t = o_t tanh(c_t)
-                    D[t, b, j] = dc * g * i * (1 - i)
-                    D[t, b, H + j] = dc * Cs[t, b, j] * f * (1 - f)
-                    D[t, b, 2 * H + j] = dc * i * (1 - g * g)
-                    D[t, b, 3 * H + j] = dh * tc * o * (1 - o)
+                    dc = DCR[b, j] + dh * o * (one - tc * tc)   # through h_t = o_t tanh(c_t)
+                    D[t, b, j] = dc * g * i * (one - i)
+                    D[t, b, H + j] = dc * Cs[t, b, j] * f * (one - f)
+                    D[t, b, 2 * H + j] = dc * i * (one - g * g)
+                    D[t, b, 3 * H + j] = dh * tc * o * (one - o)
                     DCR[b, j] = dc * f                    # dc_{t-1} = dc_t f_t
                 else:
                     D[t, b, j] = dh * _activate_grad(act, D[t, b, j])
@@ -252,7 +301,7 @@ def make(ft):
                 for o in range(tid, O, LOSS_THREADS):     # softmax - onehot, then scaled
                     v = math.exp(out[r, o] - m) / se
                     if o == y:
-                        v -= 1
+                        v -= one
                     out[r, o] = v * scale
         else:
             s = ft(0)
@@ -268,13 +317,13 @@ def make(ft):
                 cuda.syncthreads()
                 w //= 2
             if tid == 0:
-                ell[r] = red[0] / O                      # mean_o (out - y)^2
+                ell[r] = red[0] / ft(O)                     # mean_o (out - y)^2
             if want_grad:
-                two = 2 * scale / O
+                two = ft(2) * scale / ft(O)
                 for o in range(tid, O, LOSS_THREADS):
                     out[r, o] = two * (out[r, o] - yf[r, o])
 
-    return dict(gemm=gemm, add_bias=add_bias, gather_rows=gather_rows,
+    return dict(gemm=gemm, fill=fill, add_bias=add_bias, gather_rows=gather_rows,
                 scatter_add_rows=scatter_add_rows, forward_layer=forward_layer,
                 backward_layer=backward_layer, loss_rows=loss_rows)
 

@@ -49,8 +49,16 @@ def _empty(shape, dt):
     return _cuda().device_array(shape, dtype=dt)
 
 
+def _fill(X, value):
+    """X[...] = value on the device (X contiguous)."""
+    if X.size:
+        F = X.reshape(X.size)
+        _k(X.dtype)["fill"][_grid1(F.size)](F, X.dtype.type(value))
+    return X
+
+
 def _zeros(shape, dt):
-    return _dev(np.zeros(shape, dt))
+    return _fill(_empty(shape, dt), 0)
 
 
 def _grid1(n):
@@ -61,14 +69,26 @@ def _grid1(n):
 
 def _gemm(dt, A, B, C, ta=0, tb=0, step=0, accumulate=False):
     """C (+)= op(A) op(B) on the device (see _cuda_jit.make: gemm)."""
-    from ._cuda_jit import TILE
+    from ._cuda_jit import BM, TILE
     M, N = C.shape
-    grid = (-(-N // TILE), -(-M // TILE))
+    if M == 0 or N == 0:                                 # nothing to write (a launch needs a block)
+        return
+    grid = (-(-N // BM), -(-M // BM))
     _k(dt)["gemm"][grid, (TILE, TILE)](A, B, C, ta, tb, step, accumulate)
 
 
+def _carve(flat, shapes):
+    """Views of consecutive pieces of the flat (host or device) array ``flat``, one per shape."""
+    out, off = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append(flat[off:off + n].reshape(shape))
+        off += n
+    return out
+
+
 class _Net:
-    """The network's parameters on the device and its sizes."""
+    """The network's parameters on the device (one host-to-device copy) and its sizes."""
 
     def __init__(self, net):
         self.net = net
@@ -78,15 +98,41 @@ class _Net:
         self.act = ACT[net.activation]
         self.L, self.H, self.GH = net.num_layers, net.hidden_size, net.gates * net.hidden_size
         p = {k: np.asarray(v, self.dt) for k, v in net.params.items()}
-        self.layers = []
+        host = []                                         # (name, array), in the order carved
         for l in range(self.L):
-            W_ih, W_hh = p[f"weight_ih_l{l}"], p[f"weight_hh_l{l}"]
-            bias = p[f"bias_ih_l{l}"] + p[f"bias_hh_l{l}"] if f"bias_ih_l{l}" in p else None
-            self.layers.append(dict(W_ih=_dev(W_ih), W_hh=_dev(W_hh), WhhT=_dev(W_hh.T),
-                                    bias=None if bias is None else _dev(bias), has_bias=bias is not None))
-        self.W_dec, self.b_dec = _dev(p["decoder.weight"]), _dev(p["decoder.bias"])
-        self.E = _dev(p["embedding.weight"]) if net.embedding else None
+            W_hh = p[f"weight_hh_l{l}"]
+            host += [(f"W_ih{l}", p[f"weight_ih_l{l}"]), (f"W_hh{l}", W_hh), (f"WhhT{l}", W_hh.T)]
+            if f"bias_ih_l{l}" in p:
+                host.append((f"bias{l}", p[f"bias_ih_l{l}"] + p[f"bias_hh_l{l}"]))
+        host += [("W_dec", p["decoder.weight"]), ("b_dec", p["decoder.bias"])]
+        if net.embedding:
+            host.append(("E", p["embedding.weight"]))
+        flat = np.concatenate([a.ravel() for _, a in host])
+        d = dict(zip([n for n, _ in host], _carve(_dev(flat), [a.shape for _, a in host])))
+        self.layers = [dict(W_ih=d[f"W_ih{l}"], W_hh=d[f"W_hh{l}"], WhhT=d[f"WhhT{l}"],
+                            bias=d.get(f"bias{l}"), has_bias=f"bias{l}" in d)
+                       for l in range(self.L)]
+        self.W_dec, self.b_dec, self.E = d["W_dec"], d["b_dec"], d.get("E")
         self.O = p["decoder.weight"].shape[0]
+        self._ones = None
+
+    def ones(self, n):
+        """A device column of n ones, (n, 1) (bias gradients as GEMMs)."""
+        if self._ones is None or self._ones.shape[0] < n:
+            self._ones = _fill(_empty(n, self.dt), 1)
+        return self._ones[:n].reshape(n, 1)
+
+    def grad_buffers(self):
+        """(device flat array, {name: device view}) of every gradient but bias_hh (equal to
+        bias_ih), biases as (G*H, 1) columns, so that one copy brings them all back; the
+        embedding's is zeroed (its rows are scatter-added)."""
+        shapes = {k: (v.shape[0], 1) if v.ndim == 1 else v.shape
+                  for k, v in self.net.params.items() if not k.startswith("bias_hh")}
+        G = _empty(sum(int(np.prod(sh)) for sh in shapes.values()), self.dt)
+        views = dict(zip(shapes, _carve(G, list(shapes.values()))))
+        if "embedding.weight" in views:
+            _fill(views["embedding.weight"], 0)
+        return G, views, shapes
 
 
 def _layer0_input(dn, x):
@@ -105,7 +151,8 @@ def _forward(dn, x, S):
     T, B = x.shape[:2]
     H, GH = dn.H, dn.GH
     X = _layer0_input(dn, x)
-    none3 = _empty((0, 0, 0), dn.dt)
+    none3, none2 = _empty((0, 0, 0), dn.dt), _empty((0, 0), dn.dt)
+    S0 = _dev(np.stack(S).astype(dn.dt, copy=False))     # the entering state, (1 or 2, L, B, H)
     layers = []
     S_T = tuple(np.empty_like(s) for s in S)
     from ._cuda_jit import block_threads
@@ -115,16 +162,13 @@ def _forward(dn, x, S):
         _gemm(dn.dt, X, p["W_ih"], D2, tb=1)              # W_ih x_t for every step at once
         if p["has_bias"]:
             k["add_bias"][_grid1(D2.size)](D2, p["bias"])
-        Hs0 = np.empty((T + 1, B, H), dn.dt)
-        Hs0[0] = S[0][l]
-        Hs = _dev(Hs0)
+        Hs = _empty((T + 1, B, H), dn.dt)
         if dn.kind == 1:
-            Cs0 = np.empty((T + 1, B, H), dn.dt)
-            Cs0[0] = S[1][l]
-            Cs, TC = _dev(Cs0), _empty((T, B, H), dn.dt)
+            Cs, TC = _empty((T + 1, B, H), dn.dt), _empty((T, B, H), dn.dt)
         else:
             Cs = TC = none3
-        k["forward_layer"][B, block_threads(H)](dn.kind, dn.act, D, p["WhhT"], Hs, Cs, TC)
+        k["forward_layer"][B, block_threads(H)](dn.kind, dn.act, D, p["WhhT"], S0[0, l],
+                                                 S0[1, l] if dn.kind == 1 else none2, Hs, Cs, TC)
         layers.append(dict(X=X, D=D, Hs=Hs, Cs=Cs, TC=TC))
         S_T[0][l] = Hs[T].copy_to_host()
         if dn.kind == 1:
@@ -146,9 +190,10 @@ def _loss(dn, loss, out, yi, yf, scale, want_grad, ell):
                                                         dn.dt.type(scale), want_grad, ell)
 
 
-def _readout_backward(dn, Htop, y, loss, scale, dH):
+def _readout_backward(dn, Htop, y, loss, scale, dH, gv=None):
     """Losses on the read-out of Htop (K*B, H) device rows and the gradients of scale * sum ell:
-    dH (K*B, H) device; returns (ell host (K*B,), dW_dec device, db_dec device)."""
+    dH (K*B, H) device, and, when the gradient views ``gv`` are given, the read-out's weight and
+    bias gradients into them; returns ell (host, (K*B,))."""
     K, B = y.shape[:2]
     N = K * B
     out = _empty((N, dn.O), dn.dt)
@@ -156,19 +201,18 @@ def _readout_backward(dn, Htop, y, loss, scale, dH):
     yi, yf = _targets(dn, loss, y)
     ell = _empty(N, dn.dt)
     _loss(dn, loss, out, yi, yf, scale, True, ell)
-    dW = _empty(dn.W_dec.shape, dn.dt)
-    _gemm(dn.dt, out, Htop, dW, ta=1, step=B)            # read-out's direct term of Eq. (2)
-    db = _empty((dn.O, 1), dn.dt)
-    _gemm(dn.dt, out, _dev(np.ones((N, 1), dn.dt)), db, ta=1, step=B)
+    if gv is not None:                                   # read-out's direct term of Eq. (2)
+        _gemm(dn.dt, out, Htop, gv["decoder.weight"], ta=1, step=B)
+        _gemm(dn.dt, out, dn.ones(N), gv["decoder.bias"], ta=1, step=B)
     _gemm(dn.dt, out, dn.W_dec, dH)
-    return ell.copy_to_host(), dW, db
+    return ell.copy_to_host()
 
 
-def _backward(dn, x, layers, dH, t_stop, sq, want_grads):
-    """Recursion (16) down the layers (as npbptt.kernels.cpu._backward); returns host grads."""
+def _backward(dn, x, layers, dH, t_stop, sq, gv=None):
+    """Recursion (16) down the layers (as npbptt.kernels.cpu._backward); the parameter gradients
+    into the device views ``gv`` when given."""
     k = _k(dn.dt)
     from ._cuda_jit import block_threads
-    grads = {}
     B = x.shape[1]
     H, GH = dn.H, dn.GH
     DHR, DCR = _empty((B, H), dn.dt), _empty((B, H), dn.dt)
@@ -180,26 +224,18 @@ def _backward(dn, x, layers, dH, t_stop, sq, want_grads):
         n = (T - t_stop) * B
         DA = Lr["D"][t_stop:].reshape(n, GH)
         X = Lr["X"][t_stop * B:]
-        if want_grads:
-            for name, rhs in ((f"weight_ih_l{l}", X), (f"weight_hh_l{l}", Lr["Hs"][t_stop:T].reshape(n, H))):
-                g = _empty((GH, rhs.shape[1]), dn.dt)
-                _gemm(dn.dt, DA, rhs, g, ta=1, step=B)   # sum over steps of da_t^T x_t
-                grads[name] = g.copy_to_host()
+        if gv is not None:                               # sums over steps of da_t^T x_t etc.
+            _gemm(dn.dt, DA, X, gv[f"weight_ih_l{l}"], ta=1, step=B)
+            _gemm(dn.dt, DA, Lr["Hs"][t_stop:T].reshape(n, H), gv[f"weight_hh_l{l}"], ta=1, step=B)
             if p["has_bias"]:
-                g = _empty((GH, 1), dn.dt)
-                _gemm(dn.dt, DA, _dev(np.ones((n, 1), dn.dt)), g, ta=1, step=B)
-                grads[f"bias_ih_l{l}"] = g.copy_to_host()[:, 0]
-                grads[f"bias_hh_l{l}"] = grads[f"bias_ih_l{l}"].copy()
+                _gemm(dn.dt, DA, dn.ones(n), gv[f"bias_ih_l{l}"], ta=1, step=B)
         if l > 0:
             _gemm(dn.dt, DA, p["W_ih"], dH[t_stop:].reshape(n, H))   # into h_t of layer l-1
-        elif want_grads and dn.E is not None:
+        elif gv is not None and dn.E is not None:
             dX = _empty((n, dn.E.shape[1]), dn.dt)
             _gemm(dn.dt, DA, p["W_ih"], dX)
-            dE = _zeros(dn.E.shape, dn.dt)
             idx = _dev(np.asarray(x[t_stop:], np.int64).reshape(-1))
-            k["scatter_add_rows"][_grid1(dX.size)](idx, dX, dE)
-            grads["embedding.weight"] = dE.copy_to_host()
-    return grads
+            k["scatter_add_rows"][_grid1(dX.size)](idx, dX, gv["embedding.weight"])
 
 
 def bptt(net, x, y, S, K1, K2, loss):
@@ -217,13 +253,20 @@ def bptt(net, x, y, S, K1, K2, loss):
     layers, S_T = _forward(dn, x[t0:], S)
     Tw, H = K1 + 1, dn.H
     dH = _zeros((Tw, B, H), dn.dt)
+    G, gv, shapes = dn.grad_buffers()
     top = layers[-1]["Hs"][Tw - K2 + 1:].reshape(K2 * B, H)
-    ell, dWd, dbd = _readout_backward(dn, top, y[T - K2:], loss, 1.0 / (B * K2),
-                                      dH[Tw - K2:].reshape(K2 * B, H))
+    ell = _readout_backward(dn, top, y[T - K2:], loss, 1.0 / (B * K2),
+                            dH[Tw - K2:].reshape(K2 * B, H), gv)
     value = float(np.sum(ell.reshape(K2, B).mean(axis=1))) / K2
-    grads = _backward(dn, x[t0:], layers, dH, 0, _empty((0, B), dn.dt), True)
-    grads["decoder.weight"], grads["decoder.bias"] = dWd.copy_to_host(), dbd.copy_to_host()[:, 0]
-    return value, {k: grads[k] for k in net.params}, S_T
+    _backward(dn, x[t0:], layers, dH, 0, _empty((0, B), dn.dt), gv)
+    host = dict(zip(shapes, _carve(G.copy_to_host(), list(shapes.values()))))
+    grads = {}
+    for name, v in net.params.items():
+        if name.startswith("bias_hh"):
+            grads[name] = grads[name.replace("bias_hh", "bias_ih")].copy()
+        else:
+            grads[name] = host[name].reshape(v.shape)
+    return value, grads, S_T
 
 
 def step_losses(net, x, y, S, loss):
@@ -262,5 +305,5 @@ def grad_norms(net, x, y, S, loss):
     sq0 = np.zeros((T, B), dn.dt)
     sq0[T - 1] = (last * last).sum(axis=1)
     sq = _dev(sq0)
-    _backward(dn, x, layers, dH, 1, sq, False)
+    _backward(dn, x, layers, dH, 1, sq)
     return np.sqrt(sq.copy_to_host()[::-1]).astype(np.float64)

@@ -41,6 +41,33 @@ def test_cuda_kernels_pass_under_the_simulator():
     assert " passed" in tail and "skipped" in tail, tail      # the launcher itself is skipped
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _every_launch_has_a_block():
+    """Every kernel launch has at least one block and one thread per dimension.  A real GPU
+    refuses an empty grid; the simulator runs it as a no-op (a one-step probe's GEMM into the
+    layer below, with no rows, passed here and failed on an H100)."""
+    real = gpu._k
+
+    class Checked:
+        def __init__(self, kernels):
+            self.kernels = kernels
+
+        def __getitem__(self, name):
+            kernel = self.kernels[name]
+
+            class Launch:
+                def __getitem__(self, config):
+                    for dims in config[:2]:
+                        dims = dims if isinstance(dims, tuple) else (dims,)
+                        assert all(int(d) >= 1 for d in dims), (name, config)
+                    return kernel[config]
+            return Launch()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpu, "_k", lambda dt: Checked(real(dt)))
+        yield
+
+
 @st.composite
 def tiny_problems(draw):
     kind = draw(st.sampled_from(["lstm", "rnn"]))
@@ -109,6 +136,24 @@ def test_cuda_float32_error_at_most_twice_the_float32_references(case):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cuda_one_step_window_with_layers(dtype):
+    """T = 1 with two layers: the probe has no step to backpropagate (phi is the read-out's
+    gradient alone) and BPTT(0, 1) one step; the layers' empty products launch nothing."""
+    for kind in ("lstm", "rnn"):
+        prob = make_problem(np.random.default_rng(5), kind=kind, layers=2, T=1, B=2, H=3,
+                            embedding=True, dtype=dtype)
+        x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
+        ref, got = grad_norms_reference(prob.net, x, y, S, prob.loss), gpu.grad_norms(prob.net, x, y, S, prob.loss)
+        np.testing.assert_allclose(got, ref, rtol=1e-12 if dtype == np.float64 else 1e-5)
+        l_ref, g_ref, _ = bptt_reference(prob.net, x, y, S, 0, 1, prob.loss)
+        l_got, g_got, _ = gpu.bptt(prob.net, x, y, S, 0, 1, prob.loss)
+        for n in g_ref:
+            np.testing.assert_allclose(g_got[n], g_ref[n], rtol=1e-12 if dtype == np.float64 else 1e-4,
+                                       atol=1e-14 if dtype == np.float64 else 1e-6, err_msg=n)
+
+
+@needs_cuda
 def test_cuda_networks_with_their_own_step_run_the_reference():
     prob = make_problem(np.random.default_rng(2), kind="rnn", layers=1, T=3, B=2, H=2)
     net = _ShiftedRNN(3, 2, 1, 5, vocab_size=7, seed=1)
@@ -119,3 +164,68 @@ def test_cuda_networks_with_their_own_step_run_the_reference():
     assert got[0] == ref[0]
     for n in ref[1]:
         np.testing.assert_array_equal(got[1][n], ref[1][n])
+
+
+# --- a real GPU only: realistic shapes ----------------------------------------------------------
+needs_real_gpu = pytest.mark.skipif(SIMULATOR or not gpu.is_available(),
+                                    reason="needs a real CUDA GPU (the simulator is too slow)")
+
+
+@st.composite
+def gpu_problems(draw):
+    """Problems of the sizes the GPU kernels meet: hidden sizes over the 256 threads of a
+    recurrence block (each thread then takes several units), read-outs wider than the loss
+    kernel's 128 threads, batch 1..65, up to 40 steps (the steps before the window in blocks)."""
+    kind = draw(st.sampled_from(["lstm", "rnn"]))
+    act = draw(st.sampled_from(["tanh", "relu", "sigmoid", "linear"])) if kind == "rnn" else "tanh"
+    T = draw(st.integers(1, 40))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    prob = make_problem(rng, kind=kind, activation=act, layers=draw(st.integers(1, 3)),
+                        embedding=draw(st.booleans()),
+                        loss=draw(st.sampled_from(["cross_entropy", "mse"])), T=T,
+                        B=draw(st.integers(1, 65)), H=draw(st.sampled_from([1, 5, 31, 64, 257, 300])),
+                        E=draw(st.integers(1, 40)), O=draw(st.sampled_from([2, 9, 130, 600])),
+                        V=draw(st.sampled_from([2, 7, 300])), bias=draw(st.booleans()),
+                        scale=draw(st.sampled_from([0.5, 1.0])))
+    K1 = draw(st.integers(0, T + 1))
+    return prob, K1, draw(st.integers(1, min(T, K1 + 1)))
+
+
+@needs_real_gpu
+@settings(max_examples=30, deadline=None)
+@given(gpu_problems())
+def test_cuda_realistic_shapes_equal_reference_float64(case):
+    from test_kernels import _assert_grads_close64
+    prob, K1, K2 = case
+    x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
+    l_ref, g_ref, S_ref = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss)
+    l_got, g_got, S_got = gpu.bptt(prob.net, x, y, S, K1, K2, prob.loss)
+    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
+    assert list(g_got) == list(g_ref)
+    _assert_grads_close64(prob, K1, K2, g_ref, g_got)
+    for a, b in zip(S_ref, S_got):
+        _assert_close64(a, b, "state")
+    L_ref, _ = step_losses_reference(prob.net, x, y, S, prob.loss)
+    _assert_close64(L_ref, gpu.step_losses(prob.net, x, y, S, prob.loss)[0], "L")
+    _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss),
+                    gpu.grad_norms(prob.net, x, y, S, prob.loss), "phi")
+
+
+@needs_real_gpu
+@settings(max_examples=15, deadline=None)
+@given(gpu_problems())
+def test_cuda_realistic_shapes_float32(case):
+    prob, K1, K2 = case
+    p32, p64 = _as_float32(prob)
+    x, y, S = check_inputs(p32.net, p32.x, p32.y, p32.state, prob.loss)
+    x64, y64, S64 = check_inputs(p64.net, p64.x, p64.y, p64.state, prob.loss)
+    l64, g64, _ = bptt_reference(p64.net, x64, y64, S64, K1, K2, prob.loss)
+    lr, gr, _ = bptt_reference(p32.net, x, y, S, K1, K2, prob.loss)
+    lk, gk, _ = gpu.bptt(p32.net, x, y, S, K1, K2, prob.loss)
+    assert all(v.dtype == np.float32 for v in gk.values())
+    names = list(g64)
+    _assert_float32_as_good([gr[n] for n in names], [gk[n] for n in names], [g64[n] for n in names],
+                            "grads")
+    phi64 = grad_norms_reference(p64.net, x64, y64, S64, prob.loss)
+    _assert_float32_as_good([grad_norms_reference(p32.net, x, y, S, prob.loss)],
+                            [gpu.grad_norms(p32.net, x, y, S, prob.loss)], [phi64], "phi")
