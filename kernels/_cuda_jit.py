@@ -2,9 +2,11 @@
 
 The work is laid out as on the CPU (see :mod:`npbptt.kernels.cpu`): a layer at a time over the
 whole chunk, the input projections and weight gradients as GEMMs, and only the recurrence
-sequential.  The recurrence kernels give each batch example its own thread block for the whole
-sweep (the examples never interact), so one launch runs all T steps of a layer with a
-``syncthreads`` per step and no grid-wide synchronisation.
+sequential.  The recurrence runs either in one launch per layer, each batch example in its own
+thread block for the whole sweep (the examples never interact, so a ``syncthreads`` per step
+suffices: ``forward_layer``, ``backward_layer``), or, for large H, in one launch per step over
+every example at once (``forward_step``, ``backward_step``: W_hh is then read once per step
+rather than once per example and step), with the same arithmetic in the same order.
 
 Kernels specialise on the float type through :func:`make` (shared-memory arrays need a constant
 dtype).  Under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the tiles and blocks are small,
@@ -14,7 +16,7 @@ import math
 
 from numba import config, cuda, float32, float64
 
-__all__ = ["SIM", "TILE", "BM", "LOSS_THREADS", "make", "block_threads"]
+__all__ = ["SIM", "TILE", "BM", "SJ", "SB", "LOSS_THREADS", "make", "block_threads"]
 
 SIM = bool(config.ENABLE_CUDASIM)
 TILE = 2 if SIM else 16              # GEMM: threads per block edge (TILE * TILE threads)
@@ -22,6 +24,9 @@ R = 2 if SIM else 4                  # GEMM: rows and columns of C per thread
 BM = TILE * R                        # GEMM: a block's tile of C is (BM, BM)
 BMP = BM + 1                         # GEMM: shared-memory row length (one column of padding)
 KT = 4 if SIM else 16                # GEMM: the k-slab staged in shared memory
+SJ = 2 if SIM else 16                # step kernels: units per block (threads along x)
+SB = 2 if SIM else 16                # step kernels: batch rows per block (threads along y)
+SKT = 3 if SIM else 16               # step kernels: the k-slab staged in shared memory
 LOSS_THREADS = 4 if SIM else 128     # threads per read-out row in the loss kernel (power of 2)
 _MAX_LAYER_THREADS = 4 if SIM else 256
 
@@ -70,7 +75,7 @@ def make(ft):
         return one
 
     @cuda.jit
-    def gemm(A, B, C, ta, tb, step, accumulate):
+    def gemm(A, B, C, Pk, ta, tb, step, accumulate, per):
         """C[i, j] (+)= sum_k op(A)[i, k] op(B)[k, j], op = transpose when ta / tb is 1.
         With step > 0 the k-sum is taken step by step (k in blocks of ``step`` rows, each block's
         sum added to the total), the summation structure of Eq. (15)'s sum over steps of
@@ -78,7 +83,9 @@ def make(ft):
         tiling.  Blocks of (TILE, TILE) threads compute a (BM, BM) tile of C, each thread R x R
         elements (rows ty + TILE r, columns tx + TILE c: neighbouring threads read neighbouring
         shared-memory words), over k-slabs of KT staged in shared memory (one padding column
-        against bank conflicts when a slab is stored across its rows)."""
+        against bank conflicts when a slab is stored across its rows).  When Pk has rows, block z
+        (grid z) sums k in [z per, (z+1) per) only, per a multiple of step, into Pk[z] (a split
+        sum, added by sum_splits); else per >= K and C is written."""
         sA = cuda.shared.array((KT, BMP), ft)          # sA[kk, r] = op(A)[i0 + r, k0 + kk]
         sB = cuda.shared.array((KT, BMP), ft)          # sB[kk, c] = op(B)[k0 + kk, j0 + c]
         acc = cuda.local.array((R, R), ft)
@@ -95,15 +102,17 @@ def make(ft):
             for c in range(R):
                 acc[r, c] = zero
                 tot[r, c] = zero
-        nxt = step if step > 0 else K + 1                 # the next step boundary in k
-        for k0 in range(0, K, KT):
+        kz0 = cuda.blockIdx.z * per
+        kz1 = min(K, kz0 + per)
+        nxt = kz0 + step if step > 0 else K + 1           # the next step boundary in k
+        for k0 in range(kz0, kz1, KT):
             for e in range(tid, KT * BM, TILE * TILE):    # stage the slabs, reading along rows
                 if ta:                                    # A is (K, M)
                     kk, r = e // BM, e % BM
                 else:                                     # A is (M, K)
                     r, kk = e // KT, e % KT
                 v = zero
-                if i0 + r < M and k0 + kk < K:
+                if i0 + r < M and k0 + kk < kz1:
                     v = A[k0 + kk, i0 + r] if ta else A[i0 + r, k0 + kk]
                 sA[kk, r] = v
                 if tb:                                    # B is (N, K)
@@ -111,11 +120,11 @@ def make(ft):
                 else:                                     # B is (K, N)
                     kk, c = e // BM, e % BM
                 v = zero
-                if j0 + c < N and k0 + kk < K:
+                if j0 + c < N and k0 + kk < kz1:
                     v = B[j0 + c, k0 + kk] if tb else B[k0 + kk, j0 + c]
                 sB[kk, c] = v
             cuda.syncthreads()
-            for kk in range(min(KT, K - k0)):
+            for kk in range(min(KT, kz1 - k0)):
                 if k0 + kk == nxt:                        # end of one step's batch sum
                     for r in range(R):
                         for c in range(R):
@@ -135,7 +144,9 @@ def make(ft):
                 j = j0 + tx + TILE * c
                 if i < M and j < N:
                     v = tot[r, c] + acc[r, c]
-                    if accumulate:
+                    if Pk.shape[0] > 0:
+                        Pk[cuda.blockIdx.z, i, j] = v
+                    elif accumulate:
                         C[i, j] += v
                     else:
                         C[i, j] = v
@@ -171,6 +182,42 @@ def make(ft):
         for e in range(start, N * C, cuda.gridsize(1)):
             cuda.atomic.add(dst, (idx[e // C], e % C), src[e // C, e % C])
 
+    @cuda.jit(device=True)
+    def _cell_forward(kind, act, P, Hs, Cs, TC, t, b, j, H, ai, af, ag, ao, c_prev):
+        """Step t's cell for unit j of row b from its pre-activations (ai alone for the simple
+        RNN): the activations into P[t, b], c_t, tanh(c_t) and h_t into Cs[t+1], TC[t], Hs[t+1]
+        (npbptt.cells.lstm_step / rnn_step)."""
+        if kind == 1:
+            i, f, g, o = _sigmoid(ai), _sigmoid(af), math.tanh(ag), _sigmoid(ao)
+            c = i * g + f * c_prev                        # c_t = i_t o z_t + f_t o c_{t-1}
+            tc = math.tanh(c)
+            P[t, b, j], P[t, b, H + j], P[t, b, 2 * H + j], P[t, b, 3 * H + j] = i, f, g, o
+            Cs[t + 1, b, j] = c
+            TC[t, b, j] = tc
+            Hs[t + 1, b, j] = o * tc                      # h_t = o_t o tanh(c_t)
+        else:
+            v = _activate(act, ai)                        # h_t = rho(W_hh h_{t-1} + W_ih x_t + b)
+            P[t, b, j] = v
+            Hs[t + 1, b, j] = v
+
+    @cuda.jit(device=True)
+    def _cell_backward(kind, act, D, Cs, TC, DCR, t, b, j, H, dh):
+        """Step t's pre-activation gradients da_t of unit j of row b into D[t, b] (which holds the
+        activations), given dh = dL/dh_t, and dc_{t-1} = dc_t f_t into DCR[b, j] (which holds
+        dc_t's part from step t+1) (npbptt.cells.lstm_step_vjp / rnn_step_vjp)."""
+        if kind == 1:
+            i, f = D[t, b, j], D[t, b, H + j]
+            g, o = D[t, b, 2 * H + j], D[t, b, 3 * H + j]
+            tc = TC[t, b, j]
+            dc = DCR[b, j] + dh * o * (one - tc * tc)     # through h_t = o_t tanh(c_t)
+            D[t, b, j] = dc * g * i * (one - i)
+            D[t, b, H + j] = dc * Cs[t, b, j] * f * (one - f)
+            D[t, b, 2 * H + j] = dc * i * (one - g * g)
+            D[t, b, 3 * H + j] = dh * tc * o * (one - o)
+            DCR[b, j] = dc * f                            # dc_{t-1} = dc_t f_t
+        else:
+            D[t, b, j] = dh * _activate_grad(act, D[t, b, j])
+
     @cuda.jit
     def forward_layer(kind, act, P, WhhT, h0, c0, Hs, Cs, TC):
         """One layer over T steps, one block per batch row; equals npbptt.cells.rnn_step /
@@ -188,30 +235,70 @@ def make(ft):
         cuda.syncthreads()
         for t in range(T):
             for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
+                ai, af, ag, ao, c_prev = P[t, b, j], zero, zero, zero, zero
                 if kind == 1:
-                    ai, af = P[t, b, j], P[t, b, H + j]
-                    ag, ao = P[t, b, 2 * H + j], P[t, b, 3 * H + j]
-                    for k in range(H):                    # + W_hh h_{t-1}
-                        hk = Hs[t, b, k]
-                        ai += hk * WhhT[k, j]
+                    af, ag, ao = P[t, b, H + j], P[t, b, 2 * H + j], P[t, b, 3 * H + j]
+                    c_prev = Cs[t, b, j]
+                for k in range(H):                        # + W_hh h_{t-1}, k ascending
+                    hk = Hs[t, b, k]
+                    ai += hk * WhhT[k, j]
+                    if kind == 1:
                         af += hk * WhhT[k, H + j]
                         ag += hk * WhhT[k, 2 * H + j]
                         ao += hk * WhhT[k, 3 * H + j]
-                    i, f, g, o = _sigmoid(ai), _sigmoid(af), math.tanh(ag), _sigmoid(ao)
-                    c = i * g + f * Cs[t, b, j]           # c_t = i_t o z_t + f_t o c_{t-1}
-                    tc = math.tanh(c)
-                    P[t, b, j], P[t, b, H + j], P[t, b, 2 * H + j], P[t, b, 3 * H + j] = i, f, g, o
-                    Cs[t + 1, b, j] = c
-                    TC[t, b, j] = tc
-                    Hs[t + 1, b, j] = o * tc              # h_t = o_t o tanh(c_t)
-                else:
-                    a = P[t, b, j]
-                    for k in range(H):
-                        a += Hs[t, b, k] * WhhT[k, j]
-                    v = _activate(act, a)                 # h_t = rho(W_hh h_{t-1} + W_ih x_t + b)
-                    P[t, b, j] = v
-                    Hs[t + 1, b, j] = v
+                _cell_forward(kind, act, P, Hs, Cs, TC, t, b, j, H, ai, af, ag, ao, c_prev)
             cuda.syncthreads()                            # h_t complete before step t+1 reads it
+
+    @cuda.jit
+    def forward_step(kind, act, P, WhhT, h0, c0, Hs, Cs, TC, t):
+        """Step t of one layer for every row at once (large H: forward_layer's one block per row
+        would stream all of W_hh from L2 once per row and step), the same arithmetic in the same
+        order.  Arguments as forward_layer's; at t = 0 h_{-1}, c_{-1} are read from h0, c0 and
+        copied to Hs[0], Cs[0].  Blocks of (SJ, SB) threads, unit j0 + tx of row b0 + ty, over
+        k-slabs of h_{t-1} and of the unit's gate columns of W_hh^T staged in shared memory."""
+        sh = cuda.shared.array((SKT, SB), ft)             # sh[kk, r] = h_{t-1}[b0 + r, k0 + kk]
+        sw = cuda.shared.array((4, SKT, SJ), ft)          # sw[g, kk, c] = WhhT[k0 + kk, g H + j0 + c]
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        tid = ty * SJ + tx
+        j0, b0 = cuda.blockIdx.x * SJ, cuda.blockIdx.y * SB
+        j, b = j0 + tx, b0 + ty
+        B, H = P.shape[1], Hs.shape[2]
+        G = 4 if kind == 1 else 1
+        inside = b < B and j < H
+        ai, af, ag, ao, c_prev = zero, zero, zero, zero, zero
+        if inside:
+            ai = P[t, b, j]
+            if kind == 1:
+                af, ag, ao = P[t, b, H + j], P[t, b, 2 * H + j], P[t, b, 3 * H + j]
+                c_prev = c0[b, j] if t == 0 else Cs[t, b, j]
+        for k0 in range(0, H, SKT):
+            for e in range(tid, SKT * SB, SJ * SB):
+                r, kk = e // SKT, e % SKT
+                v = zero
+                if b0 + r < B and k0 + kk < H:
+                    v = h0[b0 + r, k0 + kk] if t == 0 else Hs[t, b0 + r, k0 + kk]
+                sh[kk, r] = v
+            for e in range(tid, G * SKT * SJ, SJ * SB):
+                g, kk, c = e // (SKT * SJ), (e // SJ) % SKT, e % SJ
+                v = zero
+                if k0 + kk < H and j0 + c < H:
+                    v = WhhT[k0 + kk, g * H + j0 + c]
+                sw[g, kk, c] = v
+            cuda.syncthreads()
+            for kk in range(min(SKT, H - k0)):            # + W_hh h_{t-1}, k ascending
+                hk = sh[kk, ty]
+                ai += hk * sw[0, kk, tx]
+                if kind == 1:
+                    af += hk * sw[1, kk, tx]
+                    ag += hk * sw[2, kk, tx]
+                    ao += hk * sw[3, kk, tx]
+            cuda.syncthreads()
+        if inside:
+            if t == 0:
+                Hs[0, b, j] = h0[b, j]
+                if kind == 1:
+                    Cs[0, b, j] = c0[b, j]
+            _cell_forward(kind, act, P, Hs, Cs, TC, t, b, j, H, ai, af, ag, ao, c_prev)
 
     @cuda.jit
     def backward_layer(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, DHR, DCR):
@@ -229,23 +316,12 @@ def make(ft):
             DCR[b, j] = zero
         for t in range(T - 1, t_stop - 1, -1):
             for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
-                dh = DHR[b, j] + dHext[t, b, j]           # from step t+1 and from above
-                if kind == 1:
-                    i, f = D[t, b, j], D[t, b, H + j]
-                    g, o = D[t, b, 2 * H + j], D[t, b, 3 * H + j]
-                    tc = TC[t, b, j]
-                    dc = DCR[b, j] + dh * o * (one - tc * tc)   # through h_t = o_t tanh(c_t)
-                    D[t, b, j] = dc * g * i * (one - i)
-                    D[t, b, H + j] = dc * Cs[t, b, j] * f * (one - f)
-                    D[t, b, 2 * H + j] = dc * i * (one - g * g)
-                    D[t, b, 3 * H + j] = dh * tc * o * (one - o)
-                    DCR[b, j] = dc * f                    # dc_{t-1} = dc_t f_t
-                else:
-                    D[t, b, j] = dh * _activate_grad(act, D[t, b, j])
+                # dh_t from step t+1 and from above
+                _cell_backward(kind, act, D, Cs, TC, DCR, t, b, j, H, DHR[b, j] + dHext[t, b, j])
             cuda.syncthreads()                            # da_t complete before the W_hh product
             if t > t_stop or want_sq:
                 for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
-                    s = ft(0)
+                    s = zero
                     for m in range(GH):                   # dh_{t-1} = da_t W_hh
                         s += D[t, b, m] * Whh[m, j]
                     DHR[b, j] = s
@@ -254,6 +330,65 @@ def make(ft):
                         if kind == 1:
                             v += DCR[b, j] * DCR[b, j]
                         cuda.atomic.add(sq, (t - 1, b), v)
+
+    @cuda.jit
+    def backward_step(kind, act, D, Cs, TC, dHext, Whh, DCR, sq, t, da):
+        """Step t of recursion (16) for every row at once (large H; as backward_layer, the same
+        arithmetic in the same order): the recurrent part of dh_t, s = da_{t+1} W_hh (zero at
+        t = T-1), then, when sq has rows and t < T-1, sq[t, b] += ||(s, dc_t)||^2, and, when
+        ``da``, da_t into D[t] and dc_{t-1} into DCR (zeroed before t = T-1).  With ``da`` off it
+        is the product and sq only (step t_stop - 1 of the probe).  Blocks of (SJ, SB) threads,
+        unit j0 + tx of row b0 + ty, over slabs of da_{t+1} and W_hh staged in shared memory."""
+        sd = cuda.shared.array((SKT, SB), ft)             # sd[kk, r] = da_{t+1}[b0 + r, m0 + kk]
+        sw = cuda.shared.array((SKT, SJ), ft)             # sw[kk, c] = W_hh[m0 + kk, j0 + c]
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        tid = ty * SJ + tx
+        j0, b0 = cuda.blockIdx.x * SJ, cuda.blockIdx.y * SB
+        j, b = j0 + tx, b0 + ty
+        T, B, GH = D.shape[0], D.shape[1], D.shape[2]
+        H = Cs.shape[2] if kind == 1 else GH
+        s = zero
+        if t + 1 < T:
+            for m0 in range(0, GH, SKT):
+                for e in range(tid, SKT * SB, SJ * SB):
+                    r, kk = e // SKT, e % SKT
+                    v = zero
+                    if b0 + r < B and m0 + kk < GH:
+                        v = D[t + 1, b0 + r, m0 + kk]
+                    sd[kk, r] = v
+                for e in range(tid, SKT * SJ, SJ * SB):
+                    kk, c = e // SJ, e % SJ
+                    v = zero
+                    if m0 + kk < GH and j0 + c < H:
+                        v = Whh[m0 + kk, j0 + c]
+                    sw[kk, c] = v
+                cuda.syncthreads()
+                for kk in range(min(SKT, GH - m0)):       # dh_t = da_{t+1} W_hh, m ascending
+                    s += sd[kk, ty] * sw[kk, tx]
+                cuda.syncthreads()
+        if b < B and j < H:
+            if sq.shape[0] > 0 and t + 1 < T:
+                v = s * s
+                if kind == 1:
+                    v += DCR[b, j] * DCR[b, j]
+                cuda.atomic.add(sq, (t, b), v)
+            if da:
+                _cell_backward(kind, act, D, Cs, TC, DCR, t, b, j, H, s + dHext[t, b, j])
+
+    @cuda.jit
+    def sum_splits(Pk, C, accumulate):
+        """C (+)= sum over z of Pk[z] (z ascending), the partial k-sums of a split GEMM."""
+        Z, M, N = Pk.shape
+        start = cuda.grid(1)
+        for e in range(start, M * N, cuda.gridsize(1)):
+            i, j = e // N, e % N
+            v = Pk[0, i, j]
+            for z in range(1, Z):
+                v += Pk[z, i, j]
+            if accumulate:
+                C[i, j] += v
+            else:
+                C[i, j] = v
 
     @cuda.jit
     def loss_rows(code, out, bias, yi, yf, scale, want_grad, ell):
@@ -325,6 +460,7 @@ def make(ft):
 
     return dict(gemm=gemm, fill=fill, add_bias=add_bias, gather_rows=gather_rows,
                 scatter_add_rows=scatter_add_rows, forward_layer=forward_layer,
+                forward_step=forward_step, backward_step=backward_step, sum_splits=sum_splits,
                 backward_layer=backward_layer, loss_rows=loss_rows)
 
 

@@ -7,19 +7,37 @@ arrays) as the references they must equal, and as :mod:`npbptt.kernels.cpu`:
     step_losses(net, x, y, S, loss)   -> (L (T,), S_T)        npbptt.bptt.step_losses_reference
     grad_norms(net, x, y, S, loss)    -> phi (T, B)           npbptt.probe.grad_norms_reference
 
-plus :func:`is_available`.  Parameters and inputs are copied to the device on every call and the
-results copied back.  Networks :func:`npbptt.kernels.cpu.supports` rejects are handed to the
-NumPy reference.
+plus :func:`is_available`.  The parameters are copied to the device in one piece on every call
+and the gradients back in one piece (the API takes and returns host arrays: with W2's 12 M
+parameters, copies and host-side work are ~30 ms of its 82 ms step on an H100, which is more
+than torch's whole step).  Networks
+:func:`npbptt.kernels.cpu.supports` rejects are handed to the NumPy reference.
 
-Status: verified against the references only under numba's CUDA simulator
-(``NUMBA_ENABLE_CUDASIM=1``, tiny shapes); the kernels are straightforward (tiled GEMM, one thread
-block per example for the recurrence) and have not been tuned or timed on a GPU.
+Layout: a layer at a time; input projections, read-out and weight gradients as GEMMs
+(register-tiled; a sum over steps on few tiles of C split into runs of whole steps, added in
+order); the recurrence either in one launch per layer with a thread block per batch row
+(small H: no launch per step) or in a launch per step over every row (H >= _STEP_MIN_H), with
+the same arithmetic in the same order.  The host-side cost of a numba.cuda launch (~20-45 us
+of Python) bounds small problems: W1 makes ~35 launches and ~10 copies a call.
+
+Status: tested against the references under numba's CUDA simulator (in CI, tiny shapes) and on
+an NVIDIA H100 (numba-cuda 0.30.4, realistic shapes up to H = 300, B = 65, T = 40, every path
+forced; validation/gpu_check.sh).  Timings: validation/bench_gpu.py, validation/results/gpu/.
 """
 import numpy as np
 
 from .cpu import _BLOCK_ELEMENTS, _reference, supports
 
 __all__ = ["bptt", "step_losses", "grad_norms", "is_available"]
+
+# Layers with at least this many hidden units run one launch per step over every batch row
+# (forward_step / backward_step); smaller ones one launch per layer with a block per row
+# (forward_layer / backward_layer), which avoids a launch per step (~30-45 us of Python each).
+_STEP_MIN_H = 128
+# A weight-gradient GEMM (a sum over steps) with fewer C tiles than this splits its steps across
+# blocks (partial sums, then added in order: deterministic), so that a long sum over a small
+# matrix does not run on a handful of blocks.
+_SPLIT_BELOW_BLOCKS = 128
 
 
 def is_available():
@@ -67,14 +85,28 @@ def _grid1(n):
     return max(1, min(-(-n // threads), 1024)), threads
 
 
-def _gemm(dt, A, B, C, ta=0, tb=0, step=0, accumulate=False):
-    """C (+)= op(A) op(B) on the device (see _cuda_jit.make: gemm)."""
+def _gemm(dn, A, B, C, ta=0, tb=0, step=0, accumulate=False):
+    """C (+)= op(A) op(B) on the device (see _cuda_jit.make: gemm).  A step-structured sum
+    (step > 0) over few tiles of C is split into runs of whole steps, one block row per run along
+    the grid's z, the partial sums added in order by sum_splits (deterministic)."""
     from ._cuda_jit import BM, TILE
     M, N = C.shape
     if M == 0 or N == 0:                                 # nothing to write (a launch needs a block)
         return
+    K = A.shape[0] if ta else A.shape[1]
     grid = (-(-N // BM), -(-M // BM))
-    _k(dt)["gemm"][grid, (TILE, TILE)](A, B, C, ta, tb, step, accumulate)
+    steps = -(-K // step) if step > 0 else 1
+    splits = 1
+    if grid[0] * grid[1] < _SPLIT_BELOW_BLOCKS:
+        splits = min(steps, -(-_SPLIT_BELOW_BLOCKS // (grid[0] * grid[1])))
+    k = _k(dn.dt)
+    if splits <= 1:
+        k["gemm"][grid, (TILE, TILE)](A, B, C, dn.none3, ta, tb, step, accumulate, max(K, 1))
+        return
+    per = -(-steps // splits) * step                     # k-rows per run: whole steps
+    Pk = _empty((-(-K // per), M, N), dn.dt)
+    k["gemm"][(grid[0], grid[1], Pk.shape[0]), (TILE, TILE)](A, B, C, Pk, ta, tb, step, False, per)
+    k["sum_splits"][_grid1(M * N)](Pk, C, accumulate)
 
 
 def _carve(flat, shapes):
@@ -115,6 +147,7 @@ class _Net:
         self.W_dec, self.b_dec, self.E = d["W_dec"], d["b_dec"], d.get("E")
         self.O = p["decoder.weight"].shape[0]
         self._ones = None
+        self.none3, self.none2 = _empty((0, 0, 0), self.dt), _empty((0, 0), self.dt)
 
     def ones(self, n):
         """A device column of n ones, (n, 1) (bias gradients as GEMMs)."""
@@ -151,15 +184,15 @@ def _forward(dn, x, S):
     T, B = x.shape[:2]
     H, GH = dn.H, dn.GH
     X = _layer0_input(dn, x)
-    none3, none2 = _empty((0, 0, 0), dn.dt), _empty((0, 0), dn.dt)
+    none3, none2 = dn.none3, dn.none2
     S0 = _dev(np.stack(S).astype(dn.dt, copy=False))     # the entering state, (1 or 2, L, B, H)
     layers = []
     S_T = tuple(np.empty_like(s) for s in S)
-    from ._cuda_jit import block_threads
+    from ._cuda_jit import SB, SJ, block_threads
     for l, p in enumerate(dn.layers):
         D = _empty((T, B, GH), dn.dt)
         D2 = D.reshape(T * B, GH)
-        _gemm(dn.dt, X, p["W_ih"], D2, tb=1)              # W_ih x_t for every step at once
+        _gemm(dn, X, p["W_ih"], D2, tb=1)              # W_ih x_t for every step at once
         if p["has_bias"]:
             k["add_bias"][_grid1(D2.size)](D2, p["bias"])
         Hs = _empty((T + 1, B, H), dn.dt)
@@ -167,8 +200,13 @@ def _forward(dn, x, S):
             Cs, TC = _empty((T + 1, B, H), dn.dt), _empty((T, B, H), dn.dt)
         else:
             Cs = TC = none3
-        k["forward_layer"][B, block_threads(H)](dn.kind, dn.act, D, p["WhhT"], S0[0, l],
-                                                 S0[1, l] if dn.kind == 1 else none2, Hs, Cs, TC)
+        h0, c0 = S0[0, l], S0[1, l] if dn.kind == 1 else none2
+        if H >= _STEP_MIN_H:                             # a launch per step, all rows at once
+            grid = (-(-H // SJ), -(-B // SB))
+            for t in range(T):
+                k["forward_step"][grid, (SJ, SB)](dn.kind, dn.act, D, p["WhhT"], h0, c0, Hs, Cs, TC, t)
+        else:                                            # one launch, a block per row
+            k["forward_layer"][B, block_threads(H)](dn.kind, dn.act, D, p["WhhT"], h0, c0, Hs, Cs, TC)
         layers.append(dict(X=X, D=D, Hs=Hs, Cs=Cs, TC=TC))
         S_T[0][l] = Hs[T].copy_to_host()
         if dn.kind == 1:
@@ -197,14 +235,14 @@ def _readout_backward(dn, Htop, y, loss, scale, dH, gv=None):
     K, B = y.shape[:2]
     N = K * B
     out = _empty((N, dn.O), dn.dt)
-    _gemm(dn.dt, Htop, dn.W_dec, out, tb=1)
+    _gemm(dn, Htop, dn.W_dec, out, tb=1)
     yi, yf = _targets(dn, loss, y)
     ell = _empty(N, dn.dt)
     _loss(dn, loss, out, yi, yf, scale, True, ell)
     if gv is not None:                                   # read-out's direct term of Eq. (2)
-        _gemm(dn.dt, out, Htop, gv["decoder.weight"], ta=1, step=B)
-        _gemm(dn.dt, out, dn.ones(N), gv["decoder.bias"], ta=1, step=B)
-    _gemm(dn.dt, out, dn.W_dec, dH)
+        _gemm(dn, out, Htop, gv["decoder.weight"], ta=1, step=B)
+        _gemm(dn, out, dn.ones(N), gv["decoder.bias"], ta=1, step=B)
+    _gemm(dn, out, dn.W_dec, dH)
     return ell.copy_to_host()
 
 
@@ -212,28 +250,38 @@ def _backward(dn, x, layers, dH, t_stop, sq, gv=None):
     """Recursion (16) down the layers (as npbptt.kernels.cpu._backward); the parameter gradients
     into the device views ``gv`` when given."""
     k = _k(dn.dt)
-    from ._cuda_jit import block_threads
+    from ._cuda_jit import SB, SJ, block_threads
     B = x.shape[1]
     H, GH = dn.H, dn.GH
     DHR, DCR = _empty((B, H), dn.dt), _empty((B, H), dn.dt)
     for l in reversed(range(dn.L)):
         p, Lr = dn.layers[l], layers[l]
         T = Lr["D"].shape[0]
-        k["backward_layer"][B, block_threads(H)](dn.kind, dn.act, Lr["D"], Lr["Hs"], Lr["Cs"],
-                                                  Lr["TC"], dH, p["W_hh"], t_stop, sq, DHR, DCR)
+        if H >= _STEP_MIN_H:                             # a launch per step, all rows at once
+            grid = (-(-H // SJ), -(-B // SB))
+            _fill(DCR, 0)
+            for t in range(T - 1, t_stop - 1, -1):
+                k["backward_step"][grid, (SJ, SB)](dn.kind, dn.act, Lr["D"], Lr["Cs"], Lr["TC"], dH,
+                                                   p["W_hh"], DCR, sq, t, True)
+            if sq.shape[0] and t_stop >= 1:              # ||b_{t_stop-1}||^2 of the probe
+                k["backward_step"][grid, (SJ, SB)](dn.kind, dn.act, Lr["D"], Lr["Cs"], Lr["TC"], dH,
+                                                   p["W_hh"], DCR, sq, t_stop - 1, False)
+        else:                                            # one launch, a block per row
+            k["backward_layer"][B, block_threads(H)](dn.kind, dn.act, Lr["D"], Lr["Hs"], Lr["Cs"],
+                                                      Lr["TC"], dH, p["W_hh"], t_stop, sq, DHR, DCR)
         n = (T - t_stop) * B
         DA = Lr["D"][t_stop:].reshape(n, GH)
         X = Lr["X"][t_stop * B:]
         if gv is not None:                               # sums over steps of da_t^T x_t etc.
-            _gemm(dn.dt, DA, X, gv[f"weight_ih_l{l}"], ta=1, step=B)
-            _gemm(dn.dt, DA, Lr["Hs"][t_stop:T].reshape(n, H), gv[f"weight_hh_l{l}"], ta=1, step=B)
+            _gemm(dn, DA, X, gv[f"weight_ih_l{l}"], ta=1, step=B)
+            _gemm(dn, DA, Lr["Hs"][t_stop:T].reshape(n, H), gv[f"weight_hh_l{l}"], ta=1, step=B)
             if p["has_bias"]:
-                _gemm(dn.dt, DA, dn.ones(n), gv[f"bias_ih_l{l}"], ta=1, step=B)
+                _gemm(dn, DA, dn.ones(n), gv[f"bias_ih_l{l}"], ta=1, step=B)
         if l > 0:
-            _gemm(dn.dt, DA, p["W_ih"], dH[t_stop:].reshape(n, H))   # into h_t of layer l-1
+            _gemm(dn, DA, p["W_ih"], dH[t_stop:].reshape(n, H))   # into h_t of layer l-1
         elif gv is not None and dn.E is not None:
             dX = _empty((n, dn.E.shape[1]), dn.dt)
-            _gemm(dn.dt, DA, p["W_ih"], dX)
+            _gemm(dn, DA, p["W_ih"], dX)
             idx = _dev(np.asarray(x[t_stop:], np.int64).reshape(-1))
             k["scatter_add_rows"][_grid1(dX.size)](idx, dX, gv["embedding.weight"])
 
@@ -282,7 +330,7 @@ def step_losses(net, x, y, S, loss):
         layers, S = _forward(dn, x[a:b], S)
         N = (b - a) * B
         out = _empty((N, dn.O), dn.dt)
-        _gemm(dn.dt, layers[-1]["Hs"][1:].reshape(N, dn.H), dn.W_dec, out, tb=1)
+        _gemm(dn, layers[-1]["Hs"][1:].reshape(N, dn.H), dn.W_dec, out, tb=1)
         yi, yf = _targets(dn, loss, y[a:b])
         ell = _empty(N, dn.dt)
         _loss(dn, loss, out, yi, yf, 1.0, False, ell)

@@ -7,6 +7,7 @@ the other tests run in-process when a GPU (or the simulator) is available and ar
 otherwise.  The simulator runs every GPU thread as a Python thread (~10^4 times slower than
 NumPy), hence the tiny shapes and few examples.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,6 +69,21 @@ def _every_launch_has_a_block():
         yield
 
 
+# The host-side choices of npbptt.kernels.gpu, forced either way: "layer" (one launch per layer,
+# a block per batch row) or "step" (a launch per step over every row) for the recurrence, and
+# weight-gradient GEMMs split across blocks or not.
+PATHS = st.sampled_from([("layer", False), ("layer", True), ("step", False), ("step", True)])
+
+
+@contextlib.contextmanager
+def _paths(path):
+    recurrence, split = path
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpu, "_STEP_MIN_H", 0 if recurrence == "step" else 1 << 30)
+        mp.setattr(gpu, "_SPLIT_BELOW_BLOCKS", 1 << 30 if split else 0)
+        yield
+
+
 @st.composite
 def tiny_problems(draw):
     kind = draw(st.sampled_from(["lstm", "rnn"]))
@@ -86,12 +102,13 @@ def tiny_problems(draw):
 
 @needs_cuda
 @SETTINGS
-@given(tiny_problems())
-def test_cuda_bptt_equals_reference_float64(case):
+@given(tiny_problems(), PATHS)
+def test_cuda_bptt_equals_reference_float64(case, path):
     prob, K1, K2 = case
     x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
     l_ref, g_ref, S_ref = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss)
-    l_got, g_got, S_got = gpu.bptt(prob.net, x, y, S, K1, K2, prob.loss)
+    with _paths(path):
+        l_got, g_got, S_got = gpu.bptt(prob.net, x, y, S, K1, K2, prob.loss)
     assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
     for n in g_ref:
         _assert_close64(g_ref[n], g_got[n], n)
@@ -101,53 +118,59 @@ def test_cuda_bptt_equals_reference_float64(case):
 
 @needs_cuda
 @SETTINGS
-@given(tiny_problems())
-def test_cuda_step_losses_and_grad_norms_equal_reference_float64(case):
+@given(tiny_problems(), PATHS)
+def test_cuda_step_losses_and_grad_norms_equal_reference_float64(case, path):
     prob, _, _ = case
     x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
     L_ref, S_ref = step_losses_reference(prob.net, x, y, S, prob.loss)
-    L_got, S_got = gpu.step_losses(prob.net, x, y, S, prob.loss)
+    with _paths(path):
+        L_got, S_got = gpu.step_losses(prob.net, x, y, S, prob.loss)
+        phi_got = gpu.grad_norms(prob.net, x, y, S, prob.loss)
     _assert_close64(L_ref, L_got, "L")
     for a, b in zip(S_ref, S_got):
         _assert_close64(a, b, "state")
-    _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss),
-                    gpu.grad_norms(prob.net, x, y, S, prob.loss), "phi")
+    _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss), phi_got, "phi")
 
 
 @needs_cuda
 @settings(max_examples=4, deadline=None)
-@given(tiny_problems())
-def test_cuda_float32_error_at_most_twice_the_float32_references(case):
+@given(tiny_problems(), PATHS)
+def test_cuda_float32_error_at_most_twice_the_float32_references(case, path):
     prob, K1, K2 = case
     p32, p64 = _as_float32(prob)
     x, y, S = check_inputs(p32.net, p32.x, p32.y, p32.state, prob.loss)
     x64, y64, S64 = check_inputs(p64.net, p64.x, p64.y, p64.state, prob.loss)
     l64, g64, _ = bptt_reference(p64.net, x64, y64, S64, K1, K2, prob.loss)
     lr, gr, _ = bptt_reference(p32.net, x, y, S, K1, K2, prob.loss)
-    lk, gk, _ = gpu.bptt(p32.net, x, y, S, K1, K2, prob.loss)
+    with _paths(path):
+        lk, gk, _ = gpu.bptt(p32.net, x, y, S, K1, K2, prob.loss)
+        phik = gpu.grad_norms(p32.net, x, y, S, prob.loss)
     assert all(v.dtype == np.float32 for v in gk.values())
     names = list(g64)
     _assert_float32_as_good([gr[n] for n in names], [gk[n] for n in names], [g64[n] for n in names],
                             "grads")
     _assert_float32_as_good([lr], [lk], [l64], "loss")
     phi64 = grad_norms_reference(p64.net, x64, y64, S64, prob.loss)
-    _assert_float32_as_good([grad_norms_reference(p32.net, x, y, S, prob.loss)],
-                            [gpu.grad_norms(p32.net, x, y, S, prob.loss)], [phi64], "phi")
+    _assert_float32_as_good([grad_norms_reference(p32.net, x, y, S, prob.loss)], [phik], [phi64],
+                            "phi")
 
 
 @needs_cuda
+@pytest.mark.parametrize("recurrence", ["layer", "step"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_cuda_one_step_window_with_layers(dtype):
+def test_cuda_one_step_window_with_layers(dtype, recurrence):
     """T = 1 with two layers: the probe has no step to backpropagate (phi is the read-out's
     gradient alone) and BPTT(0, 1) one step; the layers' empty products launch nothing."""
     for kind in ("lstm", "rnn"):
         prob = make_problem(np.random.default_rng(5), kind=kind, layers=2, T=1, B=2, H=3,
                             embedding=True, dtype=dtype)
         x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
-        ref, got = grad_norms_reference(prob.net, x, y, S, prob.loss), gpu.grad_norms(prob.net, x, y, S, prob.loss)
+        with _paths((recurrence, True)):
+            got = gpu.grad_norms(prob.net, x, y, S, prob.loss)
+            l_got, g_got, _ = gpu.bptt(prob.net, x, y, S, 0, 1, prob.loss)
+        ref = grad_norms_reference(prob.net, x, y, S, prob.loss)
         np.testing.assert_allclose(got, ref, rtol=1e-12 if dtype == np.float64 else 1e-5)
         l_ref, g_ref, _ = bptt_reference(prob.net, x, y, S, 0, 1, prob.loss)
-        l_got, g_got, _ = gpu.bptt(prob.net, x, y, S, 0, 1, prob.loss)
         for n in g_ref:
             np.testing.assert_allclose(g_got[n], g_ref[n], rtol=1e-12 if dtype == np.float64 else 1e-4,
                                        atol=1e-14 if dtype == np.float64 else 1e-6, err_msg=n)
@@ -193,39 +216,43 @@ def gpu_problems(draw):
 
 @needs_real_gpu
 @settings(max_examples=30, deadline=None)
-@given(gpu_problems())
-def test_cuda_realistic_shapes_equal_reference_float64(case):
+@given(gpu_problems(), PATHS)
+def test_cuda_realistic_shapes_equal_reference_float64(case, path):
     from test_kernels import _assert_grads_close64
     prob, K1, K2 = case
     x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
     l_ref, g_ref, S_ref = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss)
-    l_got, g_got, S_got = gpu.bptt(prob.net, x, y, S, K1, K2, prob.loss)
+    with _paths(path):
+        l_got, g_got, S_got = gpu.bptt(prob.net, x, y, S, K1, K2, prob.loss)
+        L_got = gpu.step_losses(prob.net, x, y, S, prob.loss)[0]
+        phi_got = gpu.grad_norms(prob.net, x, y, S, prob.loss)
     assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
     assert list(g_got) == list(g_ref)
     _assert_grads_close64(prob, K1, K2, g_ref, g_got)
     for a, b in zip(S_ref, S_got):
         _assert_close64(a, b, "state")
     L_ref, _ = step_losses_reference(prob.net, x, y, S, prob.loss)
-    _assert_close64(L_ref, gpu.step_losses(prob.net, x, y, S, prob.loss)[0], "L")
-    _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss),
-                    gpu.grad_norms(prob.net, x, y, S, prob.loss), "phi")
+    _assert_close64(L_ref, L_got, "L")
+    _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss), phi_got, "phi")
 
 
 @needs_real_gpu
 @settings(max_examples=15, deadline=None)
-@given(gpu_problems())
-def test_cuda_realistic_shapes_float32(case):
+@given(gpu_problems(), PATHS)
+def test_cuda_realistic_shapes_float32(case, path):
     prob, K1, K2 = case
     p32, p64 = _as_float32(prob)
     x, y, S = check_inputs(p32.net, p32.x, p32.y, p32.state, prob.loss)
     x64, y64, S64 = check_inputs(p64.net, p64.x, p64.y, p64.state, prob.loss)
     l64, g64, _ = bptt_reference(p64.net, x64, y64, S64, K1, K2, prob.loss)
     lr, gr, _ = bptt_reference(p32.net, x, y, S, K1, K2, prob.loss)
-    lk, gk, _ = gpu.bptt(p32.net, x, y, S, K1, K2, prob.loss)
+    with _paths(path):
+        lk, gk, _ = gpu.bptt(p32.net, x, y, S, K1, K2, prob.loss)
+        phik = gpu.grad_norms(p32.net, x, y, S, prob.loss)
     assert all(v.dtype == np.float32 for v in gk.values())
     names = list(g64)
     _assert_float32_as_good([gr[n] for n in names], [gk[n] for n in names], [g64[n] for n in names],
                             "grads")
     phi64 = grad_norms_reference(p64.net, x64, y64, S64, prob.loss)
-    _assert_float32_as_good([grad_norms_reference(p32.net, x, y, S, prob.loss)],
-                            [gpu.grad_norms(p32.net, x, y, S, prob.loss)], [phi64], "phi")
+    _assert_float32_as_good([grad_norms_reference(p32.net, x, y, S, prob.loss)], [phik], [phi64],
+                            "phi")
