@@ -136,7 +136,12 @@ def test_cuda_step_losses_and_grad_norms_equal_reference_float64(case, path):
 @settings(max_examples=4, deadline=None)
 @given(tiny_problems(), PATHS)
 def test_cuda_float32_error_at_most_twice_the_float32_references(case, path):
-    prob, K1, K2 = case
+    _float32_check(*case, path)
+
+
+def _float32_check(prob, K1, K2, path):
+    """The float32 kernels' loss, gradients and phi are as good as the float32 reference's
+    (test_kernels._assert_float32_as_good), against the float64 reference on the same values."""
     p32, p64 = _as_float32(prob)
     x, y, S = check_inputs(p32.net, p32.x, p32.y, p32.state, prob.loss)
     x64, y64, S64 = check_inputs(p64.net, p64.x, p64.y, p64.state, prob.loss)
@@ -240,19 +245,4 @@ def test_cuda_realistic_shapes_equal_reference_float64(case, path):
 @settings(max_examples=15, deadline=None)
 @given(gpu_problems(), PATHS)
 def test_cuda_realistic_shapes_float32(case, path):
-    prob, K1, K2 = case
-    p32, p64 = _as_float32(prob)
-    x, y, S = check_inputs(p32.net, p32.x, p32.y, p32.state, prob.loss)
-    x64, y64, S64 = check_inputs(p64.net, p64.x, p64.y, p64.state, prob.loss)
-    l64, g64, _ = bptt_reference(p64.net, x64, y64, S64, K1, K2, prob.loss)
-    lr, gr, _ = bptt_reference(p32.net, x, y, S, K1, K2, prob.loss)
-    with _paths(path):
-        lk, gk, _ = gpu.bptt(p32.net, x, y, S, K1, K2, prob.loss)
-        phik = gpu.grad_norms(p32.net, x, y, S, prob.loss)
-    assert all(v.dtype == np.float32 for v in gk.values())
-    names = list(g64)
-    _assert_float32_as_good([gr[n] for n in names], [gk[n] for n in names], [g64[n] for n in names],
-                            "grads")
-    phi64 = grad_norms_reference(p64.net, x64, y64, S64, prob.loss)
-    _assert_float32_as_good([grad_norms_reference(p32.net, x, y, S, prob.loss)], [phik], [phi64],
-                            "phi")
+    _float32_check(*case, path)

@@ -138,22 +138,26 @@ def torch_modules(net, dtype):
     return emb, lstm, dec
 
 
-def torch_contender(name, dtype, seed):
+def torch_contender(name, dtype, seed, device="cpu"):
+    """torch's step on ``device`` (validation/bench_gpu.py: "cuda", the step then ends with
+    torch.cuda.synchronize())."""
     import torch
     net, x, y, state, K1, K2 = make_problem(name, dtype, seed)
-    emb, lstm, dec = torch_modules(net, dtype)
+    emb, lstm, dec = (m.to(device) for m in torch_modules(net, dtype))
     params = list(emb.parameters()) + list(lstm.parameters()) + list(dec.parameters())
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-    h0, c0 = (torch.from_numpy(s) for s in state)
-    T = x.shape[0]
+    tx, ty = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    h0, c0 = (torch.from_numpy(s).to(device) for s in state)
+    T, B = x.shape[:2]
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def train_step():
         for p in params:
             p.grad = None
         out, _ = lstm(emb(tx), (h0, c0))
-        logits = dec(out[T - K2:]).reshape(K2 * x.shape[1], -1)
+        logits = dec(out[T - K2:]).reshape(K2 * B, -1)
         loss = torch.nn.functional.cross_entropy(logits, ty[T - K2:].reshape(-1))
         loss.backward()
+        sync()
         return loss
 
     def probe():
@@ -168,9 +172,11 @@ def torch_contender(name, dtype, seed):
         ell = torch.nn.functional.cross_entropy(dec(out[0]), ty[T - 1], reduction="sum")
         ell.backward()                    # per-example grads: the examples do not interact
         sq = torch.stack([(hh.grad ** 2).sum(dim=(0, 2)) + (cc.grad ** 2).sum(dim=(0, 2))
-                          if hh.grad is not None else torch.zeros(x.shape[1], dtype=hh.dtype)
+                          if hh.grad is not None else torch.zeros(B, dtype=hh.dtype, device=device)
                           for hh, cc in states])
-        return torch.sqrt(sq.flip(0))     # phi[k] for S_{T-k}, k >= 1 (k = 0 reads `out`)
+        phi = torch.sqrt(sq.flip(0))      # phi[k] for S_{T-k}, k >= 1 (k = 0 reads `out`)
+        sync()
+        return phi
 
     return train_step if K2 is not None else probe
 
@@ -185,7 +191,7 @@ def jax_contender(name, dtype, seed):
     if dtype == np.float64:
         jax.config.update("jax_enable_x64", True)
     net, x, y, state, K1, K2 = make_problem(name, dtype, seed)
-    L, H = net.num_layers, net.hidden_size
+    L = net.num_layers
     p = {k: jnp.asarray(v) for k, v in net.params.items()}
     T = x.shape[0]
 
@@ -297,8 +303,17 @@ def run(args):
     for cs in contenders_for.values():           # compile / warm up everything once
         for f in cs.values():
             f()
+    times = time_rounds(contenders_for, args, tqdm(range(args.rounds), desc="rounds"))
+    peaks = {dt: gemm_peak(np.dtype(dt).type) for dt in args.dtypes}
+    return summary_rows(times, peaks, "torch"), peaks
+
+
+def time_rounds(contenders_for, args, rounds):
+    """{(workload, dtype): {contender: [seconds a step, one per round]}}: in each of ``rounds``
+    every contender in rotating order, after an idle gap and ``args.warmup`` untimed seconds,
+    its steps repeated for ``args.min_time`` seconds."""
     times = {key: {c: [] for c in cs} for key, cs in contenders_for.items()}
-    for r in tqdm(range(args.rounds), desc="rounds"):
+    for r in rounds:
         for key, cs in contenders_for.items():
             names = list(cs)
             names = names[r % len(names):] + names[:r % len(names)]   # rotating order
@@ -310,20 +325,25 @@ def run(args):
                 if reps > 1:                     # short steps: average several in this round
                     t = _timed(lambda: [f() for _ in range(reps)]) / reps
                 times[key][c].append(t)
-    peaks = {dt: gemm_peak(np.dtype(dt).type) for dt in args.dtypes}
+    return times
+
+
+def summary_rows(times, peaks, baseline):
+    """One row per (workload, dtype, contender): medians, tokens/s, the ratio to ``baseline``'s
+    median, GFLOP/s and its fraction of ``peaks[dtype]``."""
     rows = []
     for (name, dt), per in times.items():
         kw, B, K1, K2 = WORKLOADS[name]
         tokens = (K2 if K2 is not None else K1 + 1) * B
-        t_torch = float(np.median(per["torch"]))
+        t_base = float(np.median(per[baseline]))
         for c, ts in per.items():
             t = float(np.median(ts))
             gf = model_flops(name) / t / 1e9
             rows.append(dict(workload=name, dtype=dt, contender=c, ms_per_step=1e3 * t,
                              ms_iqr=[1e3 * float(np.quantile(ts, 0.25)), 1e3 * float(np.quantile(ts, 0.75))],
-                             tokens_per_s=tokens / t, ratio_to_torch=t / t_torch,
+                             tokens_per_s=tokens / t, ratio_to_torch=t / t_base,
                              gflops=gf, fraction_of_peak=gf / peaks[dt], rounds=len(ts)))
-    return rows, peaks
+    return rows
 
 
 TARGETS = {("W1", "float64"): 0.25, ("W1", "float32"): 0.5, ("W2", "float64"): 1.0,
@@ -408,7 +428,7 @@ def main(argv=None):
               "rows": rows}
     (out / "bench.json").write_text(json.dumps(result, indent=1))
     text = table(rows)
-    notes = [f"GEMM peak (NumPy 2048x2048): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())]
+    notes = ["GEMM peak (NumPy 2048x2048): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())]
     if jit:
         notes.append(f"numba JIT, first call of the training path (both dtypes): cold compile "
                      f"{jit['cold_first_call_s']:.1f} s, cached {jit['cached_first_call_s']:.2f} s "

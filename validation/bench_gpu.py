@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import WORKLOADS, _timed, _warm_up, jax_contender, make_problem, model_flops, torch_modules  # noqa: E402
+from bench import (_timed, jax_contender, make_problem, summary_rows, time_rounds,  # noqa: E402
+                   torch_contender, WORKLOADS)
 
 import npbptt  # noqa: E402
 
@@ -43,44 +44,7 @@ DEVICE = "cuda"                          # torch's device (a dry run of this scr
 
 
 def torch_gpu_contender(name, dtype, seed):
-    import torch
-    dev = torch.device(DEVICE)
-    net, x, y, state, K1, K2 = make_problem(name, dtype, seed)
-    emb, lstm, dec = (m.to(dev) for m in torch_modules(net, dtype))
-    params = list(emb.parameters()) + list(lstm.parameters()) + list(dec.parameters())
-    tx, ty = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-    h0, c0 = (torch.from_numpy(s).to(dev) for s in state)
-    T, B = x.shape[:2]
-
-    def train_step():
-        for p in params:
-            p.grad = None
-        out, _ = lstm(emb(tx), (h0, c0))
-        logits = dec(out[T - K2:]).reshape(K2 * B, -1)
-        loss = torch.nn.functional.cross_entropy(logits, ty[T - K2:].reshape(-1))
-        loss.backward()
-        torch.cuda.synchronize()
-        return loss
-
-    def probe():
-        e = emb(tx)
-        h, c = h0, c0
-        states = []
-        for t in range(T):                # one step at a time to reach every S_t
-            out, (h, c) = lstm(e[t:t + 1], (h, c))
-            h.retain_grad()
-            c.retain_grad()
-            states.append((h, c))
-        ell = torch.nn.functional.cross_entropy(dec(out[0]), ty[T - 1], reduction="sum")
-        ell.backward()
-        sq = torch.stack([(hh.grad ** 2).sum(dim=(0, 2)) + (cc.grad ** 2).sum(dim=(0, 2))
-                          if hh.grad is not None else torch.zeros(B, dtype=hh.dtype, device=dev)
-                          for hh, cc in states])
-        phi = torch.sqrt(sq.flip(0))
-        torch.cuda.synchronize()
-        return phi
-
-    return train_step if K2 is not None else probe
+    return torch_contender(name, dtype, seed, device=DEVICE)
 
 
 def npbptt_cuda_contender(name, dtype, seed):
@@ -107,7 +71,6 @@ def gpu_peak(torch, dtype, n=8192, repeats=5):
 def agreement(seed):
     """float64: the cuda backend against the NumPy reference (max abs difference over max abs) and
     against torch on the GPU (W1)."""
-    import torch
     out = {}
     for name in ("W1", "W2"):
         net, x, y, state, K1, K2 = make_problem(name, np.float64, seed)
@@ -144,34 +107,15 @@ def run(args):
     for key, cs in contenders_for.items():       # first calls: compile / warm up everything once
         for c, f in cs.items():
             first_call[f"{key[0]} {key[1]} {c}"] = _timed(f)
-    times = {key: {c: [] for c in cs} for key, cs in contenders_for.items()}
-    for r in range(args.rounds):
-        for key, cs in contenders_for.items():
-            names = list(cs)
-            names = names[r % len(names):] + names[:r % len(names)]
-            for c in names:
-                time.sleep(args.gap)
-                f = cs[c]
-                t = _warm_up(f, args.warmup)
-                reps = max(1, int(args.min_time / max(t, 1e-9)))
-                if reps > 1:
-                    t = _timed(lambda: [f() for _ in range(reps)]) / reps
-                times[key][c].append(t)
-        print(f"round {r + 1}/{args.rounds}", flush=True)
+    times = time_rounds(contenders_for, args, _rounds_printed(args.rounds))
     peaks = {dt: gpu_peak(torch, getattr(torch, dt)) for dt in args.dtypes}
-    rows = []
-    for (name, dt), per in times.items():
-        kw, B, K1, K2 = WORKLOADS[name]
-        tokens = (K2 if K2 is not None else K1 + 1) * B
-        t_torch = float(np.median(per["torch-cuda"]))
-        for c, ts in per.items():
-            t = float(np.median(ts))
-            gf = model_flops(name) / t / 1e9
-            rows.append(dict(workload=name, dtype=dt, contender=c, ms_per_step=1e3 * t,
-                             ms_iqr=[1e3 * float(np.quantile(ts, 0.25)), 1e3 * float(np.quantile(ts, 0.75))],
-                             tokens_per_s=tokens / t, ratio_to_torch=t / t_torch,
-                             gflops=gf, fraction_of_peak=gf / peaks[dt], rounds=len(ts)))
-    return rows, peaks, first_call
+    return summary_rows(times, peaks, "torch-cuda"), peaks, first_call
+
+
+def _rounds_printed(n):
+    for r in range(n):
+        yield r
+        print(f"round {r + 1}/{n}", flush=True)
 
 
 def table(rows):
