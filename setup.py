@@ -17,6 +17,9 @@ setup(
         "torch": ["torch==2.13.0"],
         "jax": ["jax"],
         "dask": ["dask[distributed]"],
+        # backend="cuda" on an NVIDIA GPU (CUDA 13 driver): NVIDIA's numba-cuda with the CUDA 13
+        # toolkit libraries; numba-cuda 0.30.4 does not import with NumPy 2.5 (np.row_stack).
+        "cuda": ["numba-cuda[cu13]>=0.30", "numpy<2.5"],
     },
     entry_points={"console_scripts": ["npbptt=npbptt.cli:main"]},
 )
