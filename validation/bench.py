@@ -385,6 +385,18 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def split_lists(args):
+    """args.workloads and args.dtypes, comma-separated strings, as checked lists."""
+    args.workloads = args.workloads.split(",")
+    args.dtypes = args.dtypes.split(",")
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            raise ValueError(f"--workloads must be among {sorted(WORKLOADS)}, got {w!r}")
+    for d in args.dtypes:
+        if d not in ("float64", "float32"):
+            raise ValueError(f"--dtypes must be float64 and/or float32, got {d!r}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds, short gaps, W2 without NumPy")
@@ -402,14 +414,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 9)
     args.gap = args.gap if args.gap is not None else (0.1 if args.quick else 0.5)
-    args.workloads = args.workloads.split(",")
-    args.dtypes = args.dtypes.split(",")
-    for w in args.workloads:
-        if w not in WORKLOADS:
-            raise ValueError(f"--workloads must be among {sorted(WORKLOADS)}, got {w!r}")
-    for d in args.dtypes:
-        if d not in ("float64", "float32"):
-            raise ValueError(f"--dtypes must be float64 and/or float32, got {d!r}")
+    split_lists(args)
 
     import numba
     import torch

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import (_timed, jax_contender, make_problem, summary_rows, time_rounds,  # noqa: E402
-                   torch_contender, WORKLOADS)
+from bench import (_timed, jax_contender, make_problem, split_lists, summary_rows,  # noqa: E402
+                   time_rounds, torch_contender)
 
 import npbptt  # noqa: E402
 
@@ -140,14 +140,7 @@ def main(argv=None):
     ap.add_argument("--no-jax", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
-    args.workloads = args.workloads.split(",")
-    args.dtypes = args.dtypes.split(",")
-    for w in args.workloads:
-        if w not in WORKLOADS:
-            raise ValueError(f"--workloads must be among {sorted(WORKLOADS)}, got {w!r}")
-    for d in args.dtypes:
-        if d not in ("float64", "float32"):
-            raise ValueError(f"--dtypes must be float64 and/or float32, got {d!r}")
+    split_lists(args)
     import numba
     import torch
     from npbptt.kernels import gpu
