@@ -809,7 +809,8 @@ def _small_call(net, x, y, S, chunks, K2, loss, scale, probe, n_tokens):
 
 
 def _carve(flat, shapes):
-    """Consecutive views of the 1-D array ``flat`` with the given shapes."""
+    """Consecutive views of the 1-D array ``flat`` with the given shapes (a NumPy array, or a
+    numba.cuda device array: npbptt.kernels.gpu)."""
     views, at = [], 0
     for shape in shapes:
         n = math.prod(shape)

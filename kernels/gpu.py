@@ -26,7 +26,7 @@ forced; validation/gpu_check.sh).  Timings: validation/bench_gpu.py, validation/
 """
 import numpy as np
 
-from .cpu import _BLOCK_ELEMENTS, _reference, supports
+from .cpu import _BLOCK_ELEMENTS, _carve, _reference, supports
 
 __all__ = ["bptt", "step_losses", "grad_norms", "is_available"]
 
@@ -107,16 +107,6 @@ def _gemm(dn, A, B, C, ta=0, tb=0, step=0, accumulate=False):
     Pk = _empty((-(-K // per), M, N), dn.dt)
     k["gemm"][(grid[0], grid[1], Pk.shape[0]), (TILE, TILE)](A, B, C, Pk, ta, tb, step, False, per)
     k["sum_splits"][_grid1(M * N)](Pk, C, accumulate)
-
-
-def _carve(flat, shapes):
-    """Views of consecutive pieces of the flat (host or device) array ``flat``, one per shape."""
-    out, off = [], 0
-    for shape in shapes:
-        n = int(np.prod(shape))
-        out.append(flat[off:off + n].reshape(shape))
-        off += n
-    return out
 
 
 class _Net:
