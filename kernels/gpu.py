@@ -243,7 +243,8 @@ def _backward(dn, x, layers, dH, t_stop, sq, gv=None):
     from ._cuda_jit import SB, SJ, block_threads
     B = x.shape[1]
     H, GH = dn.H, dn.GH
-    DHR, DCR = _empty((B, H), dn.dt), _empty((B, H), dn.dt)
+    DCR = _empty((B, H), dn.dt)
+    DHR = _empty((B, H), dn.dt) if H < _STEP_MIN_H else dn.none2   # backward_layer's scratch
     for l in reversed(range(dn.L)):
         p, Lr = dn.layers[l], layers[l]
         T = Lr["D"].shape[0]

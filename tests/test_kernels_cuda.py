@@ -104,31 +104,30 @@ def tiny_problems(draw):
 @SETTINGS
 @given(tiny_problems(), PATHS)
 def test_cuda_bptt_equals_reference_float64(case, path):
-    prob, K1, K2 = case
-    x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
-    l_ref, g_ref, S_ref = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss)
-    with _paths(path):
-        l_got, g_got, S_got = gpu.bptt(prob.net, x, y, S, K1, K2, prob.loss)
-    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
+    _float64_check(*case, path, _assert_each_close64)
+
+
+def _assert_each_close64(prob, K1, K2, g_ref, g_got):
     for n in g_ref:
         _assert_close64(g_ref[n], g_got[n], n)
-    for a, b in zip(S_ref, S_got):
-        _assert_close64(a, b, "state")
 
 
-@needs_cuda
-@SETTINGS
-@given(tiny_problems(), PATHS)
-def test_cuda_step_losses_and_grad_norms_equal_reference_float64(case, path):
-    prob, _, _ = case
+def _float64_check(prob, K1, K2, path, assert_grads):
+    """bptt (loss, gradients by ``assert_grads``, final state), step_losses (losses, final state)
+    and grad_norms on the GPU equal the references: float64, to 1e-12 relative."""
     x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
-    L_ref, S_ref = step_losses_reference(prob.net, x, y, S, prob.loss)
+    l_ref, g_ref, S_ref = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss)
+    L_ref, SL_ref = step_losses_reference(prob.net, x, y, S, prob.loss)
     with _paths(path):
-        L_got, S_got = gpu.step_losses(prob.net, x, y, S, prob.loss)
+        l_got, g_got, S_got = gpu.bptt(prob.net, x, y, S, K1, K2, prob.loss)
+        L_got, SL_got = gpu.step_losses(prob.net, x, y, S, prob.loss)
         phi_got = gpu.grad_norms(prob.net, x, y, S, prob.loss)
-    _assert_close64(L_ref, L_got, "L")
-    for a, b in zip(S_ref, S_got):
+    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
+    assert list(g_got) == list(g_ref)
+    assert_grads(prob, K1, K2, g_ref, g_got)
+    for a, b in zip([*S_ref, *SL_ref], [*S_got, *SL_got]):
         _assert_close64(a, b, "state")
+    _assert_close64(L_ref, L_got, "L")
     _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss), phi_got, "phi")
 
 
@@ -224,21 +223,7 @@ def gpu_problems(draw):
 @given(gpu_problems(), PATHS)
 def test_cuda_realistic_shapes_equal_reference_float64(case, path):
     from test_kernels import _assert_grads_close64
-    prob, K1, K2 = case
-    x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
-    l_ref, g_ref, S_ref = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss)
-    with _paths(path):
-        l_got, g_got, S_got = gpu.bptt(prob.net, x, y, S, K1, K2, prob.loss)
-        L_got = gpu.step_losses(prob.net, x, y, S, prob.loss)[0]
-        phi_got = gpu.grad_norms(prob.net, x, y, S, prob.loss)
-    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
-    assert list(g_got) == list(g_ref)
-    _assert_grads_close64(prob, K1, K2, g_ref, g_got)
-    for a, b in zip(S_ref, S_got):
-        _assert_close64(a, b, "state")
-    L_ref, _ = step_losses_reference(prob.net, x, y, S, prob.loss)
-    _assert_close64(L_ref, L_got, "L")
-    _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss), phi_got, "phi")
+    _float64_check(*case, path, _assert_grads_close64)
 
 
 @needs_real_gpu
