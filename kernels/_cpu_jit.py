@@ -9,10 +9,12 @@ Two paths, chosen per network by ``npbptt.kernels.cpu._small_path``:
   chunk of batch rows through two kernel calls, feature-major (per-step quantities stored
   transposed, units by rows, so that each gate's block is one long vectorised loop):
   :func:`small_forward` -- every layer over every step, the input projection W_ih x_t formed
-  step by step while the step's rows are in cache, and the read-out's logits;
+  step by step while the step's rows are in cache, the read-out's logits and the chunk's rows
+  of the final state;
   :func:`small_backward` -- the read-out's losses and their gradients (:func:`_loss_rows`), then
   recursion (16) down every layer with the weight gradients of Eq. (15) and the input
-  gradients, step by step;
+  gradients, step by step; in the calling thread's chunk, once the other chunks are done, the
+  sum of every chunk's gradients and losses (:func:`_gather`);
 * large layers run one layer at a time over a whole chunk of T steps, so that the input
   projections ``W_ih x_t + b`` of all steps and the weight gradients of all steps are GEMMs done
   by the caller in NumPy; only the recurrence itself is sequential and lives here:
@@ -50,7 +52,7 @@ from numba import njit, types
 from numba.extending import intrinsic, overload
 
 __all__ = ["ACT", "RNN", "LSTM", "XENT", "MSE", "forward_rows", "backward_rows", "loss_rows",
-           "small_forward", "small_backward", "scatter_add_rows", "wait_flags"]
+           "small_forward", "small_backward", "gather", "scatter_add_rows", "wait_flags"]
 
 ACT = {"tanh": 0, "relu": 1, "sigmoid": 2, "linear": 3}
 RNN, LSTM = 0, 1
@@ -630,7 +632,7 @@ _ONE_HOT_MAX = 32
 
 @njit(**_JIT)
 def small_forward(kind, act, mode0, X0T, tabT, tok, Wih0, Wih, Whh, bias, PT, HT, CT, TCT, Hrm,
-                  Wdec, out, posted):
+                  Wdec, out, r0, hout, cout, posted):
     """Forward pass of every layer over T steps, feature-major; equals
     ``npbptt.model._Network.step`` (``npbptt.cells.rnn_step`` / ``lstm_step``) step after step.
 
@@ -646,6 +648,8 @@ def small_forward(kind, act, mode0, X0T, tabT, tok, Wih0, Wih, Whh, bias, PT, HT
           da^T h are 25% faster with it than with h^T (BLAS's NN case, not NT)
     Wdec (O, H), out (K2, B, O) : out[k] <- h_t W_dec^T for the last K2 steps, the read-out
           without its bias (for the losses of :func:`small_backward`)
+    r0, hout, cout (L, B_call, H) : rows r0:r0+B <- the chunk's h_T and c_T (cout LSTM only):
+          its part of the call's final state
     posted (int64) <- 1 on entry: tells idle worker threads spinning on it that their chunks are
           queued (set here, once the calling thread has let go of the GIL, so that a worker
           waking up to take it does not have to wait for it)
@@ -723,12 +727,56 @@ def small_forward(kind, act, mode0, X0T, tabT, tok, Wih0, Wih, Whh, bias, PT, HT
     K2 = out.shape[0]
     for k in range(K2):
         _mm(Hrm[L - 1, T - K2 + 1 + k], Wdec, out[k], False, True, coef, False)
+    for l in range(L):                                        # S_T of the chunk's rows
+        for b in range(B):
+            ho, hs = hout[l, r0 + b], Hrm[l, T, b]
+            for j in range(H):
+                ho[j] = hs[j]
+            if kind == LSTM:
+                co = cout[l, r0 + b]
+                for j in range(H):
+                    co[j] = CT[l, T, j, b]
+
+
+@njit(**_NOCACHE)
+def _gather(G, gout, db_at, ELL, val, B):
+    """A call's results from its chunks': gout[:n_g] <- the sum of the rows of G (n_chunks, n_g),
+    the chunks' gradients, in chunk order, (g_0 + g_1) + g_2 ...; gout[n_g:] <- a copy of
+    gout[db_at:db_at + len(gout) - n_g] (the second bias's gradient is the first's); val[0] <-
+    the mean loss (1/K2) sum_k (1/B) sum_c ELL[c, k], ELL (n_chunks, K2) the chunks' sums of the
+    per-example losses of step k, B the call's batch (the batch mean of each step, then the mean
+    over the K2 steps, as ``npbptt.bptt.bptt_reference``); val[1] <- 1 (gathered)."""
+    nc, ng = G.shape
+    g0 = G[0]
+    for k in range(ng):
+        gout[k] = g0[k]
+    for c in range(1, nc):
+        gc = G[c]
+        for k in range(ng):
+            gout[k] += gc[k]
+    for k in range(gout.shape[0] - ng):
+        gout[ng + k] = gout[db_at + k]
+    K2 = ELL.shape[1]
+    tot = 0.0
+    for k in range(K2):
+        s = 0.0
+        for c in range(nc):
+            s += ELL[c, k]
+        tot += s / B
+    val[0] = tot / K2
+    val[1] = 1.0
+
+
+@njit(**_JIT)
+def gather(G, gout, db_at, ELL, val, B):
+    """:func:`_gather` as an entry point (when small_backward's wait for the workers ran out)."""
+    _gather(G, gout, db_at, ELL, val, B)
 
 
 @njit(**_JIT)
 def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E, t_stop, sq,
                    dWhh, dWih, dWih0, db, dE, down0, Wdec, out, dWdec, dbdec, code, bdec, yi, yf,
-                   scale, ell, flags, spins):
+                   scale, ell, r0, c, ELL, G, db_at, gout, val, flags, spins):
     """Backward recursion (16) down every layer, feature-major, steps T-1 down to t_stop; equals
     ``npbptt.cells.rnn_step_vjp`` / ``lstm_step_vjp`` step after step as in
     ``npbptt.model._Network.step_vjp`` and the terms of Eq. (15) accumulated as
@@ -748,16 +796,26 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
           by layer, the gradient reaching the layer below (da_t W_ih)
     Whh, Wih, Wih0 : as for :func:`small_forward`
     X0, tok, E : layer 0's inputs, row-major: X0 (T, B, in0), or (X0 without rows) E[tok[t, b]]
-    sq  : (T, B) or (0, B); when it has rows, sq[T-1, b] <- ||b_0||^2 = ||d ell/dh_{T-1}||^2 and
-          sq[t-1, b] <- sum over layers of ||b_{t-1}||^2 (the layer's (dh, dc) for S_{t-1}, as
-          the input of step t), t >= max(t_stop, 1): the probe of Eq. (18)
+    sq  : (T, B_call) or (0, B_call); when it has rows, for the chunk's rows b (columns r0 + b)
+          sq[T-1, b] <- ||b_0||^2 = ||d ell/dh_{T-1}||^2 and sq[t-1, b] <- sum over layers of
+          ||b_{t-1}||^2 (the layer's (dh, dc) for S_{t-1}, as the input of step t),
+          t >= max(t_stop, 1), 0 below: the probe of Eq. (18)
     dWhh (L, G*H, H), dWih (L-1, G*H, H), dWih0 (G*H, in0), db (L, G*H) or (L, 0): <- the
           sums of Eq. (15); dWhh of shape (L, 0, 0): no parameter gradients (the probe)
     dE (V, in0), down0 : with down0 = DOWN_EMBED, dE <- sum over steps and rows of
           dE[tok[t, b]] += (da_t W_ih)[b], in order (for a vocabulary of at most _ONE_HOT_MAX
           without X0 rows: summed per token first, see ``by_token``)
+    ell (K2 * B,) float64 <- the per-example losses
+    r0, c : the chunk's first row in the call's batch, and its index among the call's chunks
+    ELL (n_chunks, K2) float64 : ELL[c, k] <- the sum of ell over the chunk's rows at step k
     flags, spins : when ``flags`` has any (the chunk of the calling thread), wait at the end for
           the worker threads' chunks (:func:`_wait_flags`), without the GIL
+    G, db_at, gout, val : when ``gout`` has any elements (the calling thread's chunk, after the
+          wait), gather the call's results (:func:`_gather`) from G (n_chunks, n_g), every
+          chunk's gradients (dWih0 .. dbdec of chunk c are views of G[c]), and ELL: gout
+          <- the summed gradients, val (2,) float64 <- (the mean loss, 1); only when the wait
+          for the workers succeeded (val[1] is left as it was otherwise: the caller, having
+          waited for them itself, calls :func:`gather`)
     """
     L, T, GH, B = PT.shape
     H = Hrm.shape[3]
@@ -787,10 +845,18 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
     # the read-out: dh_t^T = (g_t W_dec)^T for the last K2 steps, 0 before
     K2, O = out.shape[0], out.shape[2]
     _loss_rows(code, out.reshape(K2 * B, O), bdec, yi, yf, scale, True, ell, 0, K2 * B)
+    for k in range(K2):
+        s = 0.0
+        for b in range(B):
+            s += ell[k * B + b]
+        ELL[c, k] = s
     _zero(dHT[:T - K2].reshape(-1))
     _zero(dWdec.reshape(-1))                                  # the accumulators start at 0
     _zero(dbdec)
-    _zero(sq.reshape(-1))
+    for t in range(sq.shape[0]):
+        st = sq[t]
+        for b in range(B):
+            st[r0 + b] = 0
     dhr = np.empty((B, Wdec.shape[1]), dt)
     for k in range(K2):
         g = out[k]
@@ -811,7 +877,7 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
     if want_sq:
         _col_sq(dHT[T - 1], acc, False)
         for b in range(B):
-            sq[T - 1, b] = acc[b]
+            sq[T - 1, r0 + b] = acc[b]
     if grads:
         _zero(dWhh.reshape(-1))
         _zero(dWih.reshape(-1))
@@ -855,7 +921,7 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
                     if kind == LSTM:
                         _col_sq(dc2, acc, True)
                     for b in range(B):
-                        sq[t - 1, b] += acc[b]
+                        sq[t - 1, r0 + b] += acc[b]
             if grads:                                         # Eq. (15): b_k . dS_{s-k}/dtheta
                 _mm(A, Hrm[l, t], dWhh[l], False, False, coef, True)  # dW_hh += da_t^T h_{t-1}
                 if l > 0:
@@ -892,5 +958,6 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
         _mm(dTab, E, dWih0, False, False, coef, False)        # dW_ih = sum_v dTab[:, v] E[v]^T
         if down0 == DOWN_EMBED:
             _mm(dTab, Wih0, dE, True, False, coef, False)     # dE[v] = W_ih^T dTab[:, v]
-    if flags.shape[0] > 0:
-        _wait_flags(flags, spins)
+    done = _wait_flags(flags, spins) if flags.shape[0] > 0 else True
+    if gout.shape[0] > 0 and done:                            # (else the caller calls gather)
+        _gather(G, gout, db_at, ELL, val, sq.shape[1])   # sq: (T or 0, B_call)

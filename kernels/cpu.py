@@ -31,7 +31,15 @@ operations changes, so results agree to round-off):
   :func:`_small_call`) do everything step by step in two kernel calls, feature-major (a_t^T
   (G*H, B): each gate's block is one long vectorised loop): the input projection, the weight
   gradients ``da_t^T h_{t-1}``, ``da_t^T x_t`` (each step's product formed, then added, as the
-  reference sums them) and the input gradients, while the step's rows are in cache;
+  reference sums them) and the input gradients, while the step's rows are in cache.  The
+  kernels also write each chunk's rows of the final state, and the calling thread's backward
+  kernel, once the workers are done, sums the chunks' gradients and losses
+  (:class:`_SmallCall`): Python between kernel calls runs 3-5x slower than in a warm loop,
+  since the kernels' working set (~3 MB a thread for W1) evicts it from the caches, and
+  gathering the results in NumPy took ~5% of a float32 W1 step.  (One GEMM over all steps per
+  weight gradient, K = T*B instead of B, is 1.6x faster on its own but made the kernels 6%
+  (float32) and 14% (float64) slower on W1: each step's da_t is in L1 when its own product is
+  formed.);
 * for large layers only the recurrence -- ``W_hh h_{t-1}`` with the cell nonlinearity, and
   backwards recursion (16)'s ``b_k dS_{s-k}/dS_{s-k-1}`` -- is a sequential loop, jitted in
   :mod:`._cpu_jit`; ``W_ih x_t`` of every step and the input gradients ``da_t W_ih`` are single
@@ -620,146 +628,195 @@ def _small_path(net, chunks):
 
 class _SmallParams:
     """The parameters of a small network stacked over layers as jit.small_forward / small_backward
-    take them, shared read-only by the chunks of a call and refreshed once per call."""
+    take them, shared read-only by the chunks of a call and refreshed once per call: views of one
+    buffer, filled by one concatenation of the parameters (then b_ih + b_hh and the table)."""
 
     def __init__(self, net, table):
         dt, L, H, O = net.dtype, net.num_layers, net.hidden_size, net.output_size
         GH, n_in = net.gates * H, net.input_size
-        self.embedding = net.embedding
-        self.Whh = np.empty((L, GH, H), dt)                                    # W_hh of each layer
-        self.Wih = np.empty((L - 1, GH, H), dt)                                # W_ih of layers 1..
-        self.Wih0 = np.empty((GH, n_in), dt)                                   # W_ih of layer 0
-        self.bias = np.zeros((L, GH), dt)                                      # b_ih + b_hh
-        self.Wdec, self.bdec = np.empty((O, H), dt), np.empty(O, dt)
         V = net.vocab_size if net.embedding else 0
-        self.E = np.empty((V, n_in), dt)
+        biases = "bias_ih_l0" in net.params
+        nb = L if biases else 0
+        self.names = ([f"weight_hh_l{l}" for l in range(L)] + [f"weight_ih_l{l}" for l in range(1, L)]
+                      + ["weight_ih_l0", "decoder.weight", "decoder.bias"]
+                      + (["embedding.weight"] if net.embedding else [])
+                      + [f"bias_ih_l{l}" for l in range(nb)] + [f"bias_hh_l{l}" for l in range(nb)])
+        shapes = [(L, GH, H), (L - 1, GH, H), (GH, n_in), (O, H), (O,), (V, n_in), (nb, GH), (nb, GH)]
+        self.flat = np.empty(sum(math.prod(shape) for shape in shapes), dt)
+        (self.Whh, self.Wih, self.Wih0, self.Wdec, self.bdec, self.E, self.b_ih,
+         self.b_hh) = _carve(self.flat, shapes)  # W_hh of each layer, W_ih of layers 1.., of layer 0
+        self.bias = np.zeros((L, GH), dt)                                      # b_ih + b_hh
         self.tabT = np.empty((GH, V if table else 0), dt)   # column v: W_ih E[v] + b_ih + b_hh
 
     def refresh(self, net):
         """Copy the current parameters in."""
         P = net.params
-        for l in range(self.Whh.shape[0]):
-            self.Whh[l] = P[f"weight_hh_l{l}"]
-            if l:
-                self.Wih[l - 1] = P[f"weight_ih_l{l}"]
-            if f"bias_ih_l{l}" in P:
-                np.add(P[f"bias_ih_l{l}"], P[f"bias_hh_l{l}"], out=self.bias[l])
-        self.Wih0[...] = P["weight_ih_l0"]
-        self.Wdec[...] = P["decoder.weight"]
-        self.bdec[...] = P["decoder.bias"]
-        if self.embedding:
-            self.E[...] = P["embedding.weight"]
+        np.concatenate([P[name] for name in self.names], axis=None, out=self.flat)
+        if self.b_ih.shape[0]:
+            np.add(self.b_ih, self.b_hh, out=self.bias)
         if self.tabT.shape[1]:
             np.matmul(self.Wih0, self.E.T, out=self.tabT)
             self.tabT += self.bias[0][:, None]
 
 
 class _SmallPlan:
-    """What one chunk of rows of a small network needs for calls of one shape: its buffers and the
-    two kernels' argument tuples over them and over the call's shared parameters ``prm``
-    (:class:`_SmallParams`): small_forward, small_backward.  The calling thread loads the inputs
-    (:meth:`load`) in place; :meth:`run` runs the kernels: no Python beyond the two kernel calls
-    runs in the worker threads, which matters because it runs under one GIL.  The accumulators
-    are zeroed by the kernels themselves; the gradients are views of one array, ``gflat``, so
-    that the chunks' sum is one addition."""
+    """What one chunk of rows (r0, r0 + Bc) of a small network needs for calls of one shape: its
+    buffers and the two kernels' argument tuples over them, over the parameters ``prm``
+    (:class:`_SmallParams`) and over the call's shared arrays ``call`` (:class:`_SmallCall`).
+    The calling thread loads the inputs (:meth:`load`) in place; :meth:`run` runs the kernels,
+    which write the chunk's rows of the final state: no Python beyond the two kernel calls runs
+    in the worker threads, which matters because it runs under one GIL.  (Loading inside
+    small_forward would save ~25 us a call but cost ~1 s more compile time per float type.)
+    The accumulators are zeroed by the kernels themselves; the gradients are views of row c of
+    ``call.G``."""
 
-    def __init__(self, net, prm, T, Bc, K2, loss, scale, probe):
+    def __init__(self, net, prm, call, c, r0, Bc):
         kind, act = _codes(net)
         dt, L, H, O = net.dtype, net.num_layers, net.hidden_size, net.output_size
         GH, n_in, lstm = net.gates * H, net.input_size, kind == jit.LSTM
+        T, K2, probe = call.T, call.K2, call.probe
         table = prm.tabT.shape[1] > 0
         e2, e3 = np.empty((0, 0), dt), np.empty((0, 0, 0), dt)
-        self.T, self.lstm, self.embedding, self.prm = T, lstm, net.embedding, prm
+        self.call, self.c, self.r0, self.r1 = call, c, r0, r0 + Bc
         self._entries = None      # the two kernels' compiled entry points for these arguments
-        self._names = None
-        self.tok = np.empty((T, Bc) if net.embedding else (0, 0), np.int64)
-        self.X0 = np.empty((T, Bc, n_in), dt) if not table else e3            # x_t, and transposed
-        self.X0T = np.empty((T, n_in, Bc), dt) if not table else e3
-        self.PT = np.empty((L, T, GH, Bc), dt)
-        self.HT = np.empty((L, T + 1, H, Bc), dt)
-        self.Hrm = np.empty((L, T + 1, Bc, H), dt)
-        self.CT = np.empty((L, T + 1, H, Bc) if lstm else (L, 0, 0, 0), dt)
-        self.TCT = np.empty((L, T, H, Bc) if lstm else (L, 0, 0, 0), dt)
-        self.dHT = np.empty((T, H, Bc), dt)
-        self.ell = np.empty(K2 * Bc, np.float64)
-        self.yi = np.empty(K2 * Bc if loss == "cross_entropy" else 0, np.int64)
-        self.yf = np.empty((K2 * Bc, O) if loss != "cross_entropy" else (0, 0), dt)
-        self.sq = np.empty((T, Bc) if probe else (0, Bc), dt)
+        tok = np.empty((T, Bc) if net.embedding else (0, 0), np.int64)
+        X0 = np.empty((T, Bc, n_in), dt) if not table else e3                 # x_t, and transposed
+        X0T = np.empty((T, n_in, Bc), dt) if not table else e3
+        PT = np.empty((L, T, GH, Bc), dt)
+        HT = np.empty((L, T + 1, H, Bc), dt)
+        Hrm = np.empty((L, T + 1, Bc, H), dt)
+        CT = np.empty((L, T + 1, H, Bc) if lstm else (L, 0, 0, 0), dt)
+        TCT = np.empty((L, T, H, Bc) if lstm else (L, 0, 0, 0), dt)
+        dHT = np.empty((T, H, Bc), dt)
+        ell = np.empty(K2 * Bc, np.float64)
+        yi = np.empty(K2 * Bc if call.loss == "cross_entropy" else 0, np.int64)
+        yf = np.empty((K2 * Bc, O) if call.loss != "cross_entropy" else (0, 0), dt)
         if probe:
-            self.g = (e2, e3, np.empty((L, 0, 0), dt), np.empty((L, 0), dt), e2)
-            self.dec = (e2, np.empty(0, dt))
-            self.gflat, self.gshapes = None, None
-        else:                     # dWih0, dWih, dWhh, db, dE, then dWdec, dbdec: views of one array
-            self.gshapes = [prm.Wih0.shape, prm.Wih.shape, prm.Whh.shape,
-                            (L, GH if "bias_ih_l0" in net.params else 0), prm.E.shape,
-                            prm.Wdec.shape, prm.bdec.shape]
-            self.gflat = np.empty(sum(math.prod(shape) for shape in self.gshapes), dt)
-            views = _carve(self.gflat, self.gshapes)
-            self.g, self.dec = tuple(views[:5]), tuple(views[5:])
+            g = (e2, e3, np.empty((L, 0, 0), dt), np.empty((L, 0), dt), e2)
+            dec = (e2, np.empty(0, dt))
+        else:                     # dWih0, dWih, dWhh, db, dE, then dWdec, dbdec: views of G[c]
+            views = _carve(call.G[c], call.gshapes)
+            g, dec = tuple(views[:5]), tuple(views[5:])
         mode0 = jit.FROM_TABLE if table else jit.FROM_X
         out = np.empty((K2, Bc, O), dt)                  # logits, then the loss gradients
-        self.fwd = (kind, act, mode0, self.X0T, prm.tabT, self.tok, prm.Wih0, prm.Wih, prm.Whh,
-                    prm.bias, self.PT, self.HT, self.CT, self.TCT, self.Hrm, prm.Wdec, out)
-        self.bwd = (kind, act, self.PT, self.Hrm, self.CT, self.TCT, self.dHT, prm.Whh, prm.Wih,
-                    prm.Wih0, self.X0, self.tok, prm.E, 1 if probe else 0, self.sq, self.g[2],
-                    self.g[1], self.g[0], self.g[3], self.g[4],
+        self.fwd = (kind, act, mode0, X0T, prm.tabT, tok, prm.Wih0, prm.Wih, prm.Whh, prm.bias,
+                    PT, HT, CT, TCT, Hrm, prm.Wdec, out)
+        # where load() puts the inputs: views, made once
+        self._tok, self._X0, self._X0T, self._E = tok, X0, X0T, prm.E
+        self._y = yi.reshape(K2, Bc) if call.loss == "cross_entropy" else yf.reshape(K2, Bc, O)
+        self._h0, self._h0T = Hrm[:, 0], HT[:, 0].transpose(0, 2, 1)
+        self._c0T = CT[:, 0].transpose(0, 2, 1) if lstm else None
+        self.bwd = (kind, act, PT, Hrm, CT, TCT, dHT, prm.Whh, prm.Wih, prm.Wih0, X0, tok, prm.E,
+                    1 if probe else 0, call.sq, g[2], g[1], g[0], g[3], g[4],
                     jit.DOWN_EMBED if net.embedding and not probe else jit.DOWN_NONE, prm.Wdec,
-                    out, *self.dec, jit.XENT if loss == "cross_entropy" else jit.MSE, prm.bdec,
-                    self.yi, self.yf, dt.type(scale), self.ell)
-
-    def names(self, net):
-        """[(name, index into g + dec, layer or None, copy)] for the gradient of each parameter of
-        ``net`` (both biases get the same sum, the second as a copy)."""
-        if self._names is None:
-            where = {"weight_ih": (1, -1), "weight_hh": (2, 0), "bias_ih": (3, 0), "bias_hh": (3, 0)}
-            names = []
-            for name in net.params:
-                if name in ("embedding.weight", "decoder.weight", "decoder.bias"):
-                    names.append((name, {"embedding.weight": 4, "decoder.weight": 5,
-                                         "decoder.bias": 6}[name], None, False))
-                    continue
-                key, l = name.rsplit("_l", 1)
-                i, shift = where[key]
-                l = int(l)
-                if key == "weight_ih" and l == 0:
-                    names.append((name, 0, None, False))
-                else:
-                    names.append((name, i, l + shift, key == "bias_hh"))
-            self._names = names
-        return self._names
+                    out, *dec, jit.XENT if call.loss == "cross_entropy" else jit.MSE, prm.bdec,
+                    yi, yf, dt.type(call.scale), ell, r0, c, call.ELL,
+                    call.G if c == 0 else call.e2, call.db_at)
 
     def load(self, x, y, S):
-        """The chunk's inputs x (T, Bc) or (T, Bc, in), targets y of the last K2 steps and state S."""
-        if self.embedding:
-            self.tok[...] = x
-        if self.X0.shape[0]:
-            if self.embedding:
-                np.take(self.prm.E, self.tok, axis=0, out=self.X0)    # e_t = E[x_t]
+        """The chunk's rows of the call's inputs: x (T, Bc) tokens or (T, Bc, in), the targets y
+        of the last K2 steps and the state S."""
+        if self._tok.shape[0]:
+            self._tok[...] = x
+        if self._X0.shape[0]:
+            if self._tok.shape[0]:
+                np.take(self._E, self._tok, axis=0, out=self._X0)    # e_t = E[x_t]
             else:
-                self.X0[...] = x
-            self.X0T[...] = self.X0.transpose(0, 2, 1)
-        if self.yi.shape[0]:
-            self.yi[...] = y.reshape(-1)
-        else:
-            self.yf[...] = y.reshape(self.yf.shape)
-        self.Hrm[:, 0] = S[0]
-        self.HT[:, 0] = S[0].transpose(0, 2, 1)
-        if self.lstm:
-            self.CT[:, 0] = S[1].transpose(0, 2, 1)
+                self._X0[...] = x
+            self._X0T[...] = self._X0.transpose(0, 2, 1)
+        self._y[...] = y
+        self._h0[...] = S[0]
+        self._h0T[...] = S[0]
+        if self._c0T is not None:
+            self._c0T[...] = S[1]
 
     def run(self, flags=_NO_FLAGS, posted=_NO_FLAGS):
-        """The chunk's two kernel calls; for the chunk of the calling thread in :func:`_run_tasks`,
-        the first sets ``posted`` and the second then waits for ``flags``."""
+        """The chunk's two kernel calls on the call's current outputs (``call.now``); for the
+        chunk of the calling thread in :func:`_run_tasks`, the first sets ``posted``, the second
+        then waits for ``flags`` and gathers the call's results."""
+        hout, cout, gout = self.call.now
+        if self.c:
+            gout = self.call.e1
         if self._entries is None:
-            self._entries = (_entry(jit.small_forward, self.fwd + (posted,)),
-                             _entry(jit.small_backward, self.bwd + (flags, _SPINS)))
-        self._entries[0](*self.fwd, posted)
-        self._entries[1](*self.bwd, flags, _SPINS)
+            self._entries = (
+                _entry(jit.small_forward, self.fwd + (self.r0, hout, cout, posted)),
+                _entry(jit.small_backward, self.bwd + (gout, self.call.val, flags, _SPINS)))
+        self._entries[0](*self.fwd, self.r0, hout, cout, posted)
+        self._entries[1](*self.bwd, gout, self.call.val, flags, _SPINS)
 
-    def state(self):
-        """S_T of the chunk's rows (views of this plan's arrays)."""
-        T = self.T
-        return (self.Hrm[:, T], self.CT[:, T].transpose(0, 2, 1)) if self.lstm else (self.Hrm[:, T],)
+
+class _SmallCall:
+    """The arrays a call of one shape on a small network shares between its chunks, and the
+    chunks' plans (:class:`_SmallPlan`): every chunk's gradients as the rows of G (n_chunks, n_g),
+    its per-step loss sums as the rows of ELL (n_chunks, K2), the probe's squared norms sq (T, B)
+    (columns by chunk), and ``val`` (the mean loss, 1 once gathered); the calling thread's kernel
+    gathers the sums once every chunk is done (``npbptt.kernels._cpu_jit._gather``).  ``names``
+    says where each parameter's gradient lies in the gathered vector."""
+
+    def __init__(self, net, prm, T, chunks, K2, loss, scale, probe):
+        dt, L, GH = net.dtype, net.num_layers, net.gates * net.hidden_size
+        B = chunks[-1][1]
+        self.T, self.K2, self.loss, self.scale, self.probe = T, K2, loss, scale, probe
+        self.lstm = net.kind == "lstm"
+        self.state_shape = (L, B, net.hidden_size)
+        self.e1, self.e2, self.e3 = np.empty(0, dt), np.empty((0, 0), dt), np.empty((0, 0, 0), dt)
+        nb = GH if "bias_ih_l0" in net.params else 0
+        self.gshapes = [prm.Wih0.shape, prm.Wih.shape, prm.Whh.shape, (L, nb), prm.E.shape,
+                        prm.Wdec.shape, prm.bdec.shape]
+        sizes = [math.prod(shape) for shape in self.gshapes]
+        n_g = sum(sizes)
+        self.G = np.empty((len(chunks), 0 if probe else n_g), dt)
+        self.db_at = sum(sizes[:3])
+        self.n_out = n_g + L * nb                        # and a copy of db: the second bias
+        self.ELL = np.empty((len(chunks), K2), np.float64)
+        self.val = np.zeros(2, np.float64)               # the mean loss, and 1 once gathered
+        self.sq = np.empty((T if probe else 0, B), dt)
+        self.names = None if probe else self._names(net, sizes, nb)
+        self.now = None
+        self.plans = [_SmallPlan(net, prm, self, c, r0, r1 - r0) for c, (r0, r1) in enumerate(chunks)]
+
+    def _names(self, net, sizes, nb):
+        """[(name, start, shape)] of each parameter's gradient in the gathered vector, in the
+        order of ``net.params``."""
+        at = np.cumsum([0] + sizes).tolist()
+        GH, H = net.gates * net.hidden_size, net.hidden_size
+        out = []
+        for name, p in net.params.items():
+            if name in ("embedding.weight", "decoder.weight", "decoder.bias"):
+                start = at[{"embedding.weight": 4, "decoder.weight": 5, "decoder.bias": 6}[name]]
+            else:
+                key, l = name.rsplit("_l", 1)
+                l = int(l)
+                start = {"weight_ih": at[0] if l == 0 else at[1] + (l - 1) * GH * H,
+                         "weight_hh": at[2] + l * GH * H, "bias_ih": at[3] + l * nb,
+                         "bias_hh": at[7] + l * nb}[key]
+            out.append((name, start, p.shape))
+        return out
+
+    def __call__(self, x, y, S):
+        """Run every chunk on x (T, B) tokens or (T, B, in) inputs, y the targets of the last K2
+        steps and S the internal state.  Returns (gout, S_T): the gathered gradient vector (fresh;
+        empty for the probe) and the final state (fresh)."""
+        dt = self.G.dtype
+        for plan in self.plans:
+            r0, r1 = plan.r0, plan.r1
+            plan.load(x[:, r0:r1], y[:, r0:r1], [s[:, r0:r1] for s in S])
+        hout = np.empty(self.state_shape, dt)
+        cout = np.empty(self.state_shape, dt) if self.lstm else self.e3
+        gout = self.e1 if self.probe else np.empty(self.n_out, dt)
+        self.now = (hout, cout, gout)
+        self.val[1] = 0.0
+        try:
+            _run_tasks([plan.run for plan in self.plans], first_waits=True)
+        finally:
+            self.now = None
+        if not self.probe and self.val[1] == 0.0:     # the kernel's wait for the workers ran out
+            jit.gather(self.G, gout, self.db_at, self.ELL, self.val, self.state_shape[1])
+        return gout, ((hout, cout) if self.lstm else (hout,))
+
+    def grads(self, gout):
+        """The gradients as a dict in the order of ``net.params``: views of ``gout``."""
+        return {name: gout[a:a + math.prod(shape)].reshape(shape) for name, a, shape in self.names}
 
 
 def _entry(dispatcher, args):
@@ -778,11 +835,11 @@ def _small_call(net, x, y, S, chunks, K2, loss, scale, probe, n_tokens):
     inputs, y the targets of the last K2 steps, S the internal state): per chunk jit.small_forward
     and jit.small_backward (the read-out's losses and their gradients on the last K2 steps,
     scaled by ``scale``, then recursion (16); with ``probe`` only the squared state-gradient norms
-    sq (T, Bc), no parameter gradients).  The parameters are copied in and every chunk's inputs loaded
-    by the calling thread, so that the worker threads run nothing but the kernels.  Returns the
-    chunks' plans (:class:`_SmallPlan`): their gradients (plan.g, the stacked recurrent ones dWih0,
-    dWih, dWhh, db, dE, and plan.dec, the read-out's), plan.ell (K2 * Bc,) float64, plan.sq and
-    plan.state() are the calling thread's scratch arrays, valid until its next call.
+    sq (T, B), no parameter gradients).  The parameters are copied in and the chunks' inputs
+    loaded by the calling thread.  Returns (call, gout, S_T): the call's
+    :class:`_SmallCall` (``call.val[0]`` the mean loss, ``call.sq`` the probe's squared norms:
+    scratch of the calling thread, valid until its next call), the gathered gradient vector
+    (fresh, see ``call.grads``) and the final state (fresh).
 
     (Two kernel calls rather than one kernel calling both: numba re-optimises every jitted
     function a kernel calls as part of it, which cost 2 s more compile time per float type.)"""
@@ -795,17 +852,14 @@ def _small_call(net, x, y, S, chunks, K2, loss, scale, probe, n_tokens):
     entry = plans.pop(key, None)
     if entry is None:
         prm = _SmallParams(net, table)
-        entry = prm, [_SmallPlan(net, prm, T, r1 - r0, K2, loss, scale, probe) for r0, r1 in chunks]
+        entry = prm, _SmallCall(net, prm, T, chunks, K2, loss, scale, probe)
     plans[key] = entry                                   # most recent last
     while len(plans) > _PLANS_KEPT:
         del plans[next(iter(plans))]
-    prm, chunk_plans = entry
+    prm, call = entry
     prm.refresh(net)
-    for (r0, r1), plan in zip(chunks, chunk_plans):
-        plan.load(x[:, r0:r1], y[:, r0:r1], tuple(s[:, r0:r1] for s in S))
-    _run_tasks([plan.run for plan in chunk_plans], first_waits=True)
-    S_out = _combine_states([plan.state() for plan in chunk_plans])
-    return chunk_plans, S_out
+    gout, S_out = call(x, y, S)
+    return call, gout, S_out
 
 
 def _carve(flat, shapes):
@@ -817,21 +871,6 @@ def _carve(flat, shapes):
         views.append(flat[at:at + n].reshape(shape))
         at += n
     return views
-
-
-def _small_grads(net, plans):
-    """The gradients of the chunks' plans (see :func:`_small_call`) summed, as a dict in the order
-    of ``net.params``: views of one fresh array, the sum of the plans' ``gflat`` (one addition for
-    all the parameters; the second bias, the same sum, a copy)."""
-    total = plans[0].gflat.copy() if len(plans) == 1 else np.add(plans[0].gflat, plans[1].gflat)
-    for p in plans[2:]:
-        total += p.gflat
-    sums = _carve(total, plans[0].gshapes)
-    out = {}
-    for name, i, l, copy in plans[0].names(net):
-        a = sums[i] if l is None else sums[i][l]
-        out[name] = a.copy() if copy else a
-    return out
 
 
 # --- the three operations -----------------------------------------------------------------------
@@ -850,11 +889,9 @@ def bptt(net, x, y, S, K1, K2, loss):
             S = _combine_states(_parallel(
                 lambda r0, r1: _advance(net, _rows(x[:t0], r0, r1), tuple(s[:, r0:r1] for s in S)),
                 chunks))
-        plans, S_out = _small_call(net, x[t0:], y[T - K2:], S, chunks, K2, loss, 1.0 / (B * K2),
-                                   False, Tw * B)
-        ell = sum(p.ell.reshape(K2, -1).sum(axis=1) for p in plans)   # per step, over the batch
-        value = float(np.sum(ell / B)) / K2
-        return value, _small_grads(net, plans), S_out
+        call, gout, S_out = _small_call(net, x[t0:], y[T - K2:], S, chunks, K2, loss,
+                                        1.0 / (B * K2), False, Tw * B)
+        return float(call.val[0]), call.grads(gout), S_out
 
     def rows(r0, r1):
         Bc = r1 - r0
@@ -918,9 +955,8 @@ def grad_norms(net, x, y, S, loss):
     H = net.hidden_size
     chunks = _chunks(net, B)
     if _small_path(net, chunks):
-        plans, _ = _small_call(net, x, y[T - 1:], S, chunks, 1, loss, 1.0, True, T * B)
-        sq = np.concatenate([p.sq for p in plans], axis=1)   # sq[t] = ||b for S_t||^2
-        return np.sqrt(sq[::-1]).astype(np.float64)      # phi[k] for S_{T-k}: k = T-1-t
+        call, _, _ = _small_call(net, x, y[T - 1:], S, chunks, 1, loss, 1.0, True, T * B)
+        return np.sqrt(call.sq[::-1]).astype(np.float64)   # sq[t] = ||b for S_t||^2; phi[k]: S_{T-k}
 
     def rows(r0, r1):
         Bc = r1 - r0

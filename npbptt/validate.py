@@ -13,7 +13,7 @@ def is_int(v):
 
 
 def _finite(name, a):
-    if not np.all(np.isfinite(a)):
+    if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -24,7 +24,7 @@ def check_x(net, x):
     if net.embedding:
         if x.ndim != 2:
             raise ValueError(f"x must have shape (T, B) of integer tokens, got shape {x.shape}")
-        if not np.issubdtype(x.dtype, np.integer):
+        if x.dtype.kind not in "iu":
             raise ValueError(f"x must hold integer tokens for a network with an embedding, got dtype {x.dtype}")
         if x.size and (x.min() < 0 or x.max() >= net.vocab_size):
             raise ValueError(f"x tokens must lie in [0, vocab_size={net.vocab_size}), "
@@ -33,7 +33,7 @@ def check_x(net, x):
     else:
         if x.ndim != 3 or x.shape[2] != net.input_size:
             raise ValueError(f"x must have shape (T, B, input_size={net.input_size}), got shape {x.shape}")
-        if not np.issubdtype(x.dtype, np.floating):
+        if x.dtype.kind != "f":
             raise ValueError(f"x must be a floating-point array for a dense input, got dtype {x.dtype}")
         _finite("x", x)
         x = x.astype(net.dtype, copy=False)
@@ -50,7 +50,7 @@ def check_y(net, y, loss, T, B):
     if loss == "cross_entropy":
         if y.shape != (T, B):
             raise ValueError(f"y must have shape (T, B) = {(T, B)} of integer targets, got shape {y.shape}")
-        if not np.issubdtype(y.dtype, np.integer):
+        if y.dtype.kind not in "iu":
             raise ValueError(f"y must hold integer targets for loss='cross_entropy', got dtype {y.dtype}")
         if y.min() < 0 or y.max() >= net.output_size:
             raise ValueError(f"y targets must lie in [0, output_size={net.output_size}), "
@@ -59,7 +59,7 @@ def check_y(net, y, loss, T, B):
     if y.shape != (T, B, net.output_size):
         raise ValueError(f"y must have shape (T, B, output_size) = {(T, B, net.output_size)} "
                          f"for loss='mse', got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.floating):
+    if y.dtype.kind != "f":
         raise ValueError(f"y must be floating-point for loss='mse', got dtype {y.dtype}")
     _finite("y", y)
     return y.astype(net.dtype, copy=False)
@@ -82,7 +82,7 @@ def check_state(net, state, B):
         s = np.asarray(s)
         if s.shape != shape:
             raise ValueError(f"{name} must have shape (num_layers, B, H) = {shape}, got {s.shape}")
-        if not np.issubdtype(s.dtype, np.floating):
+        if s.dtype.kind != "f":
             raise ValueError(f"{name} must be floating-point, got dtype {s.dtype}")
         _finite(name, s)
         out.append(s.astype(net.dtype, copy=False))
