@@ -304,6 +304,13 @@ def _sum64(v, squares):
 _XXGEMM = {}
 
 
+@njit(inline="always", **_NOCACHE)
+def _ld(X):
+    """BLAS's leading dimension of a row-major 2-D array whose rows are contiguous (a C-contiguous
+    array or a block of its columns): the distance between rows, in elements."""
+    return max(X.strides[0] // X.itemsize if X.shape[0] > 1 else X.shape[1], X.shape[1], 1)
+
+
 def _mm(A, B, C, trans_a, trans_b, coef, accumulate):
     raise NotImplementedError
 
@@ -313,8 +320,9 @@ def _mm_ov(A, B, C, trans_a, trans_b, coef, accumulate):
     """C (M, N) <- op(A) @ op(B), or C += op(A) @ op(B) when ``accumulate`` (BLAS beta = 1: the
     product is formed and then added, the reference's ``C + A @ B``); op(A) = A (M, K), or A.T
     for A (K, M) when ``trans_a``; op(B) = B (K, N), or B.T for B (N, K) when ``trans_b``.  All
-    three C-contiguous 2-D arrays of one float type; ``coef`` = [1, 0, 1] in that type (alpha and
-    the two betas, passed by pointer).  Calls the same BLAS as numba's np.dot (numba's
+    three 2-D arrays of one float type with contiguous rows (C-contiguous, or a block of columns
+    of a C-contiguous array: BLAS's leading dimension, :func:`_ld`); ``coef`` = [1, 0, 1] in that
+    type (alpha and the two betas, passed by pointer).  Calls the same BLAS as numba's np.dot (numba's
     ``numba_xxgemm`` helper, resolved by name, so callers stay cacheable), which np.dot cannot
     do: accumulate into C without a temporary."""
     if not isinstance(A, types.Array) or not isinstance(A.dtype, types.Float):
@@ -331,14 +339,39 @@ def _mm_ov(A, B, C, trans_a, trans_b, coef, accumulate):
         K = B.shape[1] if trans_b else B.shape[0]
         # row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T
         gemm(kind, t_ if trans_b else n_, t_ if trans_a else n_, N, M, K, coef.ctypes, B.ctypes,
-             K if trans_b else N, A.ctypes, M if trans_a else K,
-             coef[2:].ctypes if accumulate else coef[1:].ctypes, C.ctypes, N)
+             _ld(B), A.ctypes, _ld(A), coef[2:].ctypes if accumulate else coef[1:].ctypes,
+             C.ctypes, _ld(C))
     return impl
 
 
 # --- one layer over a chunk, rows r0:r1 of the batch (large layers) ------------------------------
 # How a layer's input projection W_ih x_t (+ b) reaches the forward kernels (``mode``):
 FROM_P, FROM_TABLE, FROM_X = 0, 1, 2
+
+
+@njit(inline="always", **_NOCACHE)
+def _small_block(M, K, N, itemsize):
+    """Columns per block of the recurrent product (M, K) x (K, N) (M the chunk's rows, K = H,
+    N = G*H): 64 for float32 when a (M, K) x (K, 64) block stays within OpenBLAS's small-matrix
+    path (M*N*K <= 1e6), which multiplies without packing W_hh first; else N, the whole product.
+    Measured one thread, M = 16, K = 512, N = 2048: float32 blocks of 64 403 us against 786 us for
+    the whole (blocks of 48, 80, 112 or 128 columns: 720-1300 us, other shapes of the small
+    kernels' register blocking); float64 gained nothing reliable (831-1094 against 930-973 us)."""
+    if itemsize == 4 and N > 64 and M * K * 64 <= 1000000:
+        return 64
+    return N
+
+
+@njit(inline="always", **_NOCACHE)
+def _small_block_k(M, N, K):
+    """Depth per block of the backward recurrent product (M, K) x (K, N) (M the chunk's rows,
+    N = H, K = G*H), summed block after block: 64 when a block stays within OpenBLAS's
+    small-matrix path (M*N*64 <= 1e6), which multiplies without packing W_hh; else K, one
+    product.  Measured one thread, M = 16, N = 512, K = 2048: blocks of 64 322 us against 406
+    (float32) and 639 against 946 us (float64); blocks of 128 or 256: no faster than one product."""
+    if K > 64 and M * N * 64 <= 1000000:
+        return 64
+    return K
 
 
 @njit(**_JIT)
@@ -364,8 +397,13 @@ def forward_rows(kind, act, mode, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
     coef[0] = coef[2] = 1
     H2, H3 = 2 * H, 3 * H
     # (each loop touches at most four arrays: see the module's speed rule)
+    # W_hh h_{t-1} in blocks of NB of the G*H outputs: OpenBLAS multiplies such small products
+    # without packing W_hh first (one packing of all of it per step otherwise)
+    NB = _small_block(r1 - r0, H, GH, P.itemsize)
     for t in range(T):
-        _mm(Hs[t, r0:r1], WhhT, A, False, False, coef, False)    # W_hh h_{t-1}
+        for j0 in range(0, GH, NB):
+            j1 = min(j0 + NB, GH)
+            _mm(Hs[t, r0:r1], WhhT[:, j0:j1], A[:, j0:j1], False, False, coef, False)
         for r in range(r1 - r0):
             b = r0 + r
             p, h = P[t, b], Hs[t + 1, b]
@@ -429,10 +467,11 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
             t >= max(t_stop, 1), where b_{t-1} = (dh, dc) is the gradient w.r.t. this layer's
             part of S_{t-1} as the input of step t -- the b_k of recursion (16), k = T-t
     """
-    T = D.shape[0]
+    T, GH = D.shape[0], D.shape[2]
     H = Hs.shape[2]
     R = r1 - r0
     want_sq = sq.shape[0] > 0
+    KB = _small_block_k(R, H, GH)
     dh_rec = np.zeros((R, H), D.dtype)                        # b_{t}, h part, from step t+1
     dc_rec = np.zeros((R, H), D.dtype)                        # b_{t}, c part (LSTM)
     coef = np.zeros(3, D.dtype)                               # alpha 1, beta 0, beta 1
@@ -462,7 +501,11 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
                 for j in range(H):
                     d[j] = dh[j] * _activate_grad(act, d[j], one)             # dz = dh rho'(z)
         if t > t_stop or want_sq:
-            _mm(D[t, r0:r1], Whh, dh_rec, False, False, coef, False)  # dh_{t-1} = da_t W_hh
+            # dh_{t-1} = da_t W_hh, summed over blocks of KB of the G*H gates (each block's
+            # product formed, then added): OpenBLAS's small-matrix path, no packing of W_hh
+            for k0 in range(0, GH, KB):
+                k1 = min(k0 + KB, GH)
+                _mm(D[t, r0:r1, k0:k1], Whh[k0:k1], dh_rec, False, False, coef, k0 > 0)
             if want_sq and t >= 1:
                 for r in range(R):
                     s = _sum64(dh_rec[r], True)

@@ -254,6 +254,25 @@ def _float32_check(prob, K1, K2):
         assert e_got <= 2 * max(e_ref, FLOOR32), (what, e_got, e_ref, [r[what] for r in runs])
 
 
+@pytest.mark.parametrize("kind,H", [("lstm", 17), ("lstm", 40), ("rnn", 70)])
+def test_recurrence_in_blocks_of_the_gates(kind, H):
+    """The large path multiplies W_hh h_{t-1} in blocks of 64 of the G*H outputs (float32,
+    jit._small_block) and da_t W_hh in blocks of 64 of the G*H gates, summed (jit._small_block_k);
+    here G*H = 68, 160 and 70: whole blocks and a remainder.  float64 still equals the references
+    to 1e-12; float32's errors stay within twice the float32 reference's, as everywhere."""
+    prob = make_problem(np.random.default_rng(H), kind=kind, layers=2, T=6, B=20, H=H)
+    with _layers_path("large"):
+        (l_ref, g_ref, S_ref), (l_got, g_got, S_got) = _bptt_both(prob, 5, 3)
+        x, y, S = _validated(prob)
+        phi = cpu.grad_norms(prob.net, x, y, S, prob.loss)
+        _float32_check(prob, 5, 3)
+    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
+    _assert_grads_close64(prob, 5, 3, g_ref, g_got)
+    for a, b in zip(S_ref, S_got):
+        _assert_close64(a, b, "state")
+    _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss), phi, "phi")
+
+
 # --- the large-problem code paths on small problems -----------------------------------------------
 @settings(max_examples=25, deadline=None)
 @given(kernel_problems(max_T=9), PATHS)
