@@ -350,28 +350,20 @@ FROM_P, FROM_TABLE, FROM_X = 0, 1, 2
 
 
 @njit(inline="always", **_NOCACHE)
-def _small_block(M, K, N, itemsize):
-    """Columns per block of the recurrent product (M, K) x (K, N) (M the chunk's rows, K = H,
-    N = G*H): 64 for float32 when a (M, K) x (K, 64) block stays within OpenBLAS's small-matrix
-    path (M*N*K <= 1e6), which multiplies without packing W_hh first; else N, the whole product.
-    Measured one thread, M = 16, K = 512, N = 2048: float32 blocks of 64 403 us against 786 us for
-    the whole (blocks of 48, 80, 112 or 128 columns: 720-1300 us, other shapes of the small
-    kernels' register blocking); float64 gained nothing reliable (831-1094 against 930-973 us)."""
-    if itemsize == 4 and N > 64 and M * K * 64 <= 1000000:
+def _small_block(M, H, GH, faster):
+    """Gates per block of a chunk's recurrent product with W_hh (G*H, H): M rows times a block
+    of 64 gates times H is within OpenBLAS's small-matrix path (M*H*64 <= 1e6), which multiplies
+    without packing W_hh first (else all of it is packed at every step).  64 when that holds, the
+    product is larger and the blocks are ``faster``; else G*H, one product.  Measured one thread,
+    M = 16, H = 512, G*H = 2048:
+    forward, W_hh h_{t-1} in blocks of outputs: float32 blocks of 64 403 us against 786 us for
+    the whole (48, 80, 112 or 128 gates: 720-1300 us, other shapes of the small kernels' register
+    blocking); float64 gained nothing reliable (831-1094 against 930-973 us): float32 only;
+    backward, da_t W_hh summed over blocks of gates: 322 against 406 us (float32), 639 against
+    946 us (float64); blocks of 128 or 256: no faster than one product."""
+    if faster and GH > 64 and M * H * 64 <= 1000000:
         return 64
-    return N
-
-
-@njit(inline="always", **_NOCACHE)
-def _small_block_k(M, N, K):
-    """Depth per block of the backward recurrent product (M, K) x (K, N) (M the chunk's rows,
-    N = H, K = G*H), summed block after block: 64 when a block stays within OpenBLAS's
-    small-matrix path (M*N*64 <= 1e6), which multiplies without packing W_hh; else K, one
-    product.  Measured one thread, M = 16, N = 512, K = 2048: blocks of 64 322 us against 406
-    (float32) and 639 against 946 us (float64); blocks of 128 or 256: no faster than one product."""
-    if K > 64 and M * N * 64 <= 1000000:
-        return 64
-    return K
+    return GH
 
 
 @njit(**_JIT)
@@ -399,7 +391,7 @@ def forward_rows(kind, act, mode, P, bias, tab, tok, WhhT, Hs, Cs, TC, r0, r1):
     # (each loop touches at most four arrays: see the module's speed rule)
     # W_hh h_{t-1} in blocks of NB of the G*H outputs: OpenBLAS multiplies such small products
     # without packing W_hh first (one packing of all of it per step otherwise)
-    NB = _small_block(r1 - r0, H, GH, P.itemsize)
+    NB = _small_block(r1 - r0, H, GH, P.itemsize == 4)
     for t in range(T):
         for j0 in range(0, GH, NB):
             j1 = min(j0 + NB, GH)
@@ -471,7 +463,7 @@ def backward_rows(kind, act, D, Hs, Cs, TC, dHext, Whh, t_stop, sq, r0, r1):
     H = Hs.shape[2]
     R = r1 - r0
     want_sq = sq.shape[0] > 0
-    KB = _small_block_k(R, H, GH)
+    KB = _small_block(R, H, GH, True)
     dh_rec = np.zeros((R, H), D.dtype)                        # b_{t}, h part, from step t+1
     dc_rec = np.zeros((R, H), D.dtype)                        # b_{t}, c part (LSTM)
     coef = np.zeros(3, D.dtype)                               # alpha 1, beta 0, beta 1
@@ -787,8 +779,8 @@ def _gather(G, gout, db_at, ELL, val, B):
     the chunks' gradients, in chunk order, (g_0 + g_1) + g_2 ...; gout[n_g:] <- a copy of
     gout[db_at:db_at + len(gout) - n_g] (the second bias's gradient is the first's); val[0] <-
     the mean loss (1/K2) sum_k (1/B) sum_c ELL[c, k], ELL (n_chunks, K2) the chunks' sums of the
-    per-example losses of step k, B the call's batch (the batch mean of each step, then the mean
-    over the K2 steps, as ``npbptt.bptt.bptt_reference``); val[1] <- 1 (gathered)."""
+    per-example losses of step k, B the call's batch (the batch mean of each step, then the 1/K2
+    of Eq. (15), as ``npbptt.bptt.bptt_reference``); val[1] <- 1 (gathered)."""
     nc, ng = G.shape
     g0 = G[0]
     for k in range(ng):

@@ -257,7 +257,7 @@ def _float32_check(prob, K1, K2):
 @pytest.mark.parametrize("kind,H", [("lstm", 17), ("lstm", 40), ("rnn", 70)])
 def test_recurrence_in_blocks_of_the_gates(kind, H):
     """The large path multiplies W_hh h_{t-1} in blocks of 64 of the G*H outputs (float32,
-    jit._small_block) and da_t W_hh in blocks of 64 of the G*H gates, summed (jit._small_block_k);
+    jit._small_block) and da_t W_hh in blocks of 64 of the G*H gates, summed (the same rule);
     here G*H = 68, 160 and 70: whole blocks and a remainder.  float64 still equals the references
     to 1e-12; float32's errors stay within twice the float32 reference's, as everywhere."""
     prob = make_problem(np.random.default_rng(H), kind=kind, layers=2, T=6, B=20, H=H)
