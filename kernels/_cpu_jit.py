@@ -978,7 +978,7 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
                         for c in range(n_in):
                             dst[c] = src[c]
                     _mm(A, xr, dWih0, False, False, coef, True)
-                if db.shape[1] > 0:                           # the batch sum of da_t, then added
+                if db.shape[1] > 0 and not (l == 0 and by_token):  # the batch sum of da_t, added
                     _mm(A, ones, db[l].reshape(GH, 1), False, False, coef, True)
             if l > 0:                                         # into h_t of the layer below
                 _mm(Wih[l - 1], A, dHT[t], True, False, coef, False)
@@ -991,6 +991,14 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
                         dst[c] += xT[c, b]
     if by_token:
         _mm(dTab, E, dWih0, False, False, coef, False)        # dW_ih = sum_v dTab[:, v] E[v]^T
+        if db.shape[1] > 0:
+            # layer 0's bias term: every (t, b) has one token, so sum_t sum_b da_t[:, b] =
+            # sum_v dTab[:, v] (its batch sums per step, a GEMM each, are not needed)
+            for j in range(GH):
+                dbj = dTab[j, 0]
+                for v in range(1, V):
+                    dbj += dTab[j, v]
+                db[0, j] = dbj
         if down0 == DOWN_EMBED:
             _mm(dTab, Wih0, dE, True, False, coef, False)     # dE[v] = W_ih^T dTab[:, v]
     done = _wait_flags(flags, spins) if flags.shape[0] > 0 else True

@@ -33,6 +33,11 @@ def test_summary_rows_medians_and_ratios():
     assert rows["x"]["gflops"] == pytest.approx(bench.model_flops("W1") / 0.0015 / 1e9)
     assert rows["x"]["fraction_of_peak"] == pytest.approx(rows["x"]["gflops"] / 100.0)
     assert rows["x"]["rounds"] == 3
+    assert rows["x"]["ms_rounds"] == pytest.approx([1.0, 1.5, 90.0])
+    # per round 0.001/0.004, 0.0015/0.002, 0.09/0.003: 0.25, 0.75, 30
+    assert rows["x"]["paired_ratio"] == pytest.approx(0.75)
+    assert rows["x"]["paired_ratio_iqr"] == pytest.approx([0.5, 15.375])
+    assert rows["torch"]["paired_ratio"] == pytest.approx(1.0)
 
 
 def test_split_lists_names_the_bad_value():

@@ -330,7 +330,9 @@ def time_rounds(contenders_for, args, rounds):
 
 def summary_rows(times, peaks, baseline):
     """One row per (workload, dtype, contender): medians, tokens/s, the ratio to ``baseline``'s
-    median, GFLOP/s and its fraction of ``peaks[dtype]``."""
+    median (the targets' ratio), GFLOP/s and its fraction of ``peaks[dtype]``; and, to show how
+    much of a run's ratio is noise, every round's time and the median and quartiles of the
+    paired ratios, the contender's time over the baseline's in the same round."""
     rows = []
     for (name, dt), per in times.items():
         kw, B, K1, K2 = WORKLOADS[name]
@@ -339,10 +341,14 @@ def summary_rows(times, peaks, baseline):
         for c, ts in per.items():
             t = float(np.median(ts))
             gf = model_flops(name) / t / 1e9
+            paired = np.asarray(ts) / np.asarray(per[baseline])
             rows.append(dict(workload=name, dtype=dt, contender=c, ms_per_step=1e3 * t,
                              ms_iqr=[1e3 * float(np.quantile(ts, 0.25)), 1e3 * float(np.quantile(ts, 0.75))],
                              tokens_per_s=tokens / t, ratio_to_torch=t / t_base,
-                             gflops=gf, fraction_of_peak=gf / peaks[dt], rounds=len(ts)))
+                             gflops=gf, fraction_of_peak=gf / peaks[dt], rounds=len(ts),
+                             ms_rounds=[1e3 * float(v) for v in ts],
+                             paired_ratio=float(np.median(paired)),
+                             paired_ratio_iqr=[float(np.quantile(paired, q)) for q in (0.25, 0.75)]))
     return rows
 
 
@@ -438,6 +444,10 @@ def main(argv=None):
         notes.append(f"numba JIT, first call of the training path (both dtypes): cold compile "
                      f"{jit['cold_first_call_s']:.1f} s, cached {jit['cached_first_call_s']:.2f} s "
                      f"(import npbptt {jit['import_s']:.2f} s)")
+    notes.append("npbptt-numba's time over torch's in the same round, median [quartiles] over the rounds: "
+                 + ", ".join(f"{r['workload']} {r['dtype']} {r['paired_ratio']:.3f} "
+                             f"[{r['paired_ratio_iqr'][0]:.3f}, {r['paired_ratio_iqr'][1]:.3f}]"
+                             for r in rows if r["contender"] == "npbptt-numba"))
     notes.append("torch vs npbptt (float64): " + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
     notes.append(f"load average before/after: {info['load_avg_before']} / {info['load_avg_after']}")
     md = text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
