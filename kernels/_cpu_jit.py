@@ -869,7 +869,8 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
     # An embedding with a small vocabulary (layer 0 through the table): layer 0's input terms
     # sum_t da_t^T E[x_t] and E's gradient depend on da_t only through its sums per token,
     # dTab[:, v] = sum of da_t[:, b] over the (t, b) with x_t^(b) = v, one GEMM per step with the
-    # tokens' one-hot rows; then dW_ih = dTab E and dE = dTab^T W_ih once.
+    # tokens' one-hot rows; then dW_ih = dTab E, dE = dTab^T W_ih and layer 0's bias gradient
+    # sum_v dTab[:, v] once.
     V = E.shape[0]
     by_token = grads and X0.shape[0] == 0 and V <= _ONE_HOT_MAX
     dTab = np.zeros((GH, V if by_token else 0), dt)
