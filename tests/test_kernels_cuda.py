@@ -85,19 +85,27 @@ def _paths(path):
 
 
 @st.composite
-def tiny_problems(draw):
+def _problems(draw, T, layers, B, H, E, O, K1_past_T=0, **more):
+    """(problem, K1, K2) for the CUDA tests: cell, activation, input kind, loss and biases drawn,
+    the sizes from the strategies given (``more``: further ``make_problem`` arguments, as
+    strategies), K1 in 0..T + K1_past_T and K2 in 1..min(T, K1 + 1)."""
     kind = draw(st.sampled_from(["lstm", "rnn"]))
     act = draw(st.sampled_from(["tanh", "relu", "sigmoid", "linear"])) if kind == "rnn" else "tanh"
-    T = draw(st.integers(1, 3))
+    T = draw(T)
     rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
-    prob = make_problem(rng, kind=kind, activation=act, layers=draw(st.integers(1, 2)),
+    prob = make_problem(rng, kind=kind, activation=act, layers=draw(layers),
                         embedding=draw(st.booleans()),
                         loss=draw(st.sampled_from(["cross_entropy", "mse"])), T=T,
-                        B=draw(st.integers(1, 3)), H=draw(st.integers(1, 3)),
-                        E=draw(st.integers(1, 2)), O=draw(st.integers(2, 3)),
-                        bias=draw(st.booleans()))
-    K1 = draw(st.integers(0, T))
+                        B=draw(B), H=draw(H), E=draw(E), O=draw(O), bias=draw(st.booleans()),
+                        **{name: draw(v) for name, v in more.items()})
+    K1 = draw(st.integers(0, T + K1_past_T))
     return prob, K1, draw(st.integers(1, min(T, K1 + 1)))
+
+
+def tiny_problems():
+    """Sizes 1-3: the simulator runs every thread in Python."""
+    return _problems(T=st.integers(1, 3), layers=st.integers(1, 2), B=st.integers(1, 3),
+                     H=st.integers(1, 3), E=st.integers(1, 2), O=st.integers(2, 3))
 
 
 @needs_cuda
@@ -198,24 +206,14 @@ needs_real_gpu = pytest.mark.skipif(SIMULATOR or not gpu.is_available(),
                                     reason="needs a real CUDA GPU (the simulator is too slow)")
 
 
-@st.composite
-def gpu_problems(draw):
+def gpu_problems():
     """Problems of the sizes the GPU kernels meet: hidden sizes over the 256 threads of a
     recurrence block (each thread then takes several units), read-outs wider than the loss
     kernel's 128 threads, batch 1..65, up to 40 steps (the steps before the window in blocks)."""
-    kind = draw(st.sampled_from(["lstm", "rnn"]))
-    act = draw(st.sampled_from(["tanh", "relu", "sigmoid", "linear"])) if kind == "rnn" else "tanh"
-    T = draw(st.integers(1, 40))
-    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
-    prob = make_problem(rng, kind=kind, activation=act, layers=draw(st.integers(1, 3)),
-                        embedding=draw(st.booleans()),
-                        loss=draw(st.sampled_from(["cross_entropy", "mse"])), T=T,
-                        B=draw(st.integers(1, 65)), H=draw(st.sampled_from([1, 5, 31, 64, 257, 300])),
-                        E=draw(st.integers(1, 40)), O=draw(st.sampled_from([2, 9, 130, 600])),
-                        V=draw(st.sampled_from([2, 7, 300])), bias=draw(st.booleans()),
-                        scale=draw(st.sampled_from([0.5, 1.0])))
-    K1 = draw(st.integers(0, T + 1))
-    return prob, K1, draw(st.integers(1, min(T, K1 + 1)))
+    return _problems(T=st.integers(1, 40), layers=st.integers(1, 3), B=st.integers(1, 65),
+                     H=st.sampled_from([1, 5, 31, 64, 257, 300]), E=st.integers(1, 40),
+                     O=st.sampled_from([2, 9, 130, 600]), K1_past_T=1,
+                     V=st.sampled_from([2, 7, 300]), scale=st.sampled_from([0.5, 1.0]))
 
 
 @needs_real_gpu
