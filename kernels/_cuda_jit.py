@@ -74,6 +74,21 @@ def make(ft):
             return a * (one - a)
         return one
 
+    @cuda.jit(device=True)
+    def _slab_element(X, k_rows, e, k0, kz1, o0, n_o):
+        """Element e of a GEMM operand's k-slab, staged by :func:`gemm`'s threads so that
+        consecutive e read along X's rows: (kk, o, X[k0 + kk, o0 + o]) when ``k_rows`` (X is
+        (K, n_o)), else (kk, o, X[o0 + o, k0 + kk]) (X is (n_o, K)); the value is 0 outside X
+        or from k = kz1 on."""
+        if k_rows:
+            kk, o = e // BM, e % BM
+        else:
+            o, kk = e // KT, e % KT
+        v = zero
+        if o0 + o < n_o and k0 + kk < kz1:
+            v = X[k0 + kk, o0 + o] if k_rows else X[o0 + o, k0 + kk]
+        return kk, o, v
+
     @cuda.jit
     def gemm(A, B, C, Pk, ta, tb, step, accumulate, per):
         """C[i, j] (+)= sum_k op(A)[i, k] op(B)[k, j], op = transpose when ta / tb is 1.
@@ -107,21 +122,9 @@ def make(ft):
         nxt = kz0 + step if step > 0 else K + 1           # the next step boundary in k
         for k0 in range(kz0, kz1, KT):
             for e in range(tid, KT * BM, TILE * TILE):    # stage the slabs, reading along rows
-                if ta:                                    # A is (K, M)
-                    kk, r = e // BM, e % BM
-                else:                                     # A is (M, K)
-                    r, kk = e // KT, e % KT
-                v = zero
-                if i0 + r < M and k0 + kk < kz1:
-                    v = A[k0 + kk, i0 + r] if ta else A[i0 + r, k0 + kk]
+                kk, r, v = _slab_element(A, ta, e, k0, kz1, i0, M)       # A: (K, M) if ta, else (M, K)
                 sA[kk, r] = v
-                if tb:                                    # B is (N, K)
-                    c, kk = e // KT, e % KT
-                else:                                     # B is (K, N)
-                    kk, c = e // BM, e % BM
-                v = zero
-                if j0 + c < N and k0 + kk < kz1:
-                    v = B[j0 + c, k0 + kk] if tb else B[k0 + kk, j0 + c]
+                kk, c, v = _slab_element(B, not tb, e, k0, kz1, j0, N)   # B: (N, K) if tb, else (K, N)
                 sB[kk, c] = v
             cuda.syncthreads()
             for kk in range(min(KT, kz1 - k0)):
