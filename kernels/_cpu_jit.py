@@ -993,7 +993,7 @@ def small_backward(kind, act, PT, Hrm, CT, TCT, dHT, Whh, Wih, Wih0, X0, tok, E,
     if by_token:
         _mm(dTab, E, dWih0, False, False, coef, False)        # dW_ih = sum_v dTab[:, v] E[v]^T
         if db.shape[1] > 0:
-            # layer 0's bias term: every (t, b) has one token, so sum_t sum_b da_t[:, b] =
+            # Eq. (15), layer 0's bias term: every (t, b) has one token, so sum_t sum_b da_t[:, b] =
             # sum_v dTab[:, v] (its batch sums per step, a GEMM each, are not needed)
             for j in range(GH):
                 dbj = dTab[j, 0]
