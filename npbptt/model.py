@@ -51,24 +51,30 @@ class _Network:
         self.params = self._init_params(np.random.default_rng(seed))
 
     # -- parameters ---------------------------------------------------------------------------
+    def param_shapes(self):
+        """The architecture's parameters: a dict name -> shape, in ``params`` order.  Every entry
+        point checks ``params`` against it (:func:`npbptt.validate.check_params`)."""
+        H, G = self.hidden_size, self.gates
+        shapes = {}
+        if self.vocab_size is not None:
+            shapes["embedding.weight"] = (self.vocab_size, self.input_size)
+        for l in range(self.num_layers):
+            shapes[f"weight_ih_l{l}"] = (G * H, self.input_size if l == 0 else H)
+            shapes[f"weight_hh_l{l}"] = (G * H, H)
+            if self.bias:
+                shapes[f"bias_ih_l{l}"] = (G * H,)
+                shapes[f"bias_hh_l{l}"] = (G * H,)
+        shapes["decoder.weight"] = (self.output_size, H)
+        shapes["decoder.bias"] = (self.output_size,)
+        return shapes
+
     def _init_params(self, rng):
         """PyTorch's default initialisation: U(-1/sqrt(H), 1/sqrt(H)) for the recurrent layers
         and the read-out (fan-in bound), N(0, 1) for the embedding."""
-        H, G = self.hidden_size, self.gates
-        k = 1.0 / np.sqrt(H)
-        p = {}
-        if self.vocab_size is not None:
-            p["embedding.weight"] = rng.standard_normal((self.vocab_size, self.input_size))
-        for l in range(self.num_layers):
-            n_in = self.input_size if l == 0 else H
-            p[f"weight_ih_l{l}"] = rng.uniform(-k, k, (G * H, n_in))
-            p[f"weight_hh_l{l}"] = rng.uniform(-k, k, (G * H, H))
-            if self.bias:
-                p[f"bias_ih_l{l}"] = rng.uniform(-k, k, G * H)
-                p[f"bias_hh_l{l}"] = rng.uniform(-k, k, G * H)
-        p["decoder.weight"] = rng.uniform(-k, k, (self.output_size, H))
-        p["decoder.bias"] = rng.uniform(-k, k, self.output_size)
-        return {name: a.astype(self.dtype) for name, a in p.items()}
+        k = 1.0 / np.sqrt(self.hidden_size)
+        return {name: (rng.standard_normal(shape) if name == "embedding.weight"
+                       else rng.uniform(-k, k, shape)).astype(self.dtype)
+                for name, shape in self.param_shapes().items()}
 
     def layer(self, l):
         """Parameters of layer ``l`` without the ``_l{l}`` suffix (views into ``params``)."""

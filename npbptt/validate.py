@@ -4,7 +4,7 @@ import numpy as np
 
 from .losses import LOSSES
 
-__all__ = ["is_int", "check_x", "check_y", "check_state", "check_inputs", "check_K"]
+__all__ = ["is_int", "check_params", "check_x", "check_y", "check_state", "check_inputs", "check_K"]
 
 
 def is_int(v):
@@ -15,6 +15,37 @@ def is_int(v):
 def _finite(name, a):
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_params(net):
+    """``net.params`` against the architecture (``net.param_shapes()``): every parameter present,
+    no other, each a NumPy array of exactly the expected shape and of the network's dtype in
+    native byte order, and finite.  Raises ``ValueError`` naming the parameter, what was found
+    and what was expected; the kernels copy parameters by size, so without this a transposed or
+    flattened array would give a wrong gradient with no error."""
+    params = getattr(net, "params", None)
+    if not isinstance(params, dict):
+        raise ValueError(f"net.params must be a dict name -> array, got {type(params).__name__}")
+    shapes = net.param_shapes()
+    missing = [k for k in shapes if k not in params]
+    if missing:
+        raise ValueError(f"net.params is missing {missing} (expected the parameters {list(shapes)})")
+    unknown = [k for k in params if k not in shapes]
+    if unknown:
+        raise ValueError(f"net.params has unknown parameters {unknown} for {net!r} "
+                         f"(expected {list(shapes)})")
+    dtype = np.dtype(net.dtype)
+    for name, shape in shapes.items():
+        a = params[name]
+        where = f"net.params[{name!r}]"
+        if not isinstance(a, np.ndarray):
+            raise ValueError(f"{where} must be a NumPy array of shape {shape}, got {type(a).__name__}")
+        if a.shape != shape:
+            raise ValueError(f"{where} has shape {a.shape}, expected {shape}")
+        if a.dtype != dtype:
+            raise ValueError(f"{where} has dtype {a.dtype.str} ({a.dtype}), expected the network's "
+                             f"dtype {dtype} in native byte order ({dtype.str})")
+        _finite(where, a)
 
 
 def check_x(net, x):
@@ -91,6 +122,7 @@ def check_state(net, state, B):
 
 def check_inputs(net, x, y, state, loss):
     """All of the above; returns (x, y, S) with S the internal state tuple."""
+    check_params(net)
     x = check_x(net, x)
     T, B = x.shape[:2]
     y = check_y(net, y, loss, T, B) if y is not None else None
