@@ -229,3 +229,30 @@ def test_cuda_realistic_shapes_equal_reference_float64(case, path):
 @given(gpu_problems(), PATHS)
 def test_cuda_realistic_shapes_float32(case, path):
     _float32_check(*case, path)
+
+
+@needs_cuda
+def test_cuda_hostile_parameters_are_named_or_computed_as_the_reference():
+    """The hostile-input cases of tests/test_hostile.py on the CUDA backend (tiny): a transposed,
+    missing, NaN or wrongly typed parameter is a ValueError naming it; strided, Fortran-ordered and
+    read-only parameters and a transposed square W_hh give the reference's result."""
+    import npbptt
+    from test_hostile import _call, _contiguous_net, _readonly, _reference, _strided
+    rng = np.random.default_rng(11)
+    prob = make_problem(rng, kind="lstm", T=2, B=2, H=2, E=3, O=3, V=4)
+    net = prob.net
+    bad = {"weight_ih_l0": np.ascontiguousarray(net.params["weight_ih_l0"].T),
+           "decoder.bias": np.array([np.nan, 0.0, 0.0])}
+    for name, value in bad.items():
+        broken = net.copy()
+        broken.params[name] = value
+        with pytest.raises(ValueError, match=repr(name)):
+            npbptt.bptt(broken, prob.x, prob.y, prob.state, 1, 1, backend="cuda")
+    odd = net.copy()
+    odd.params["weight_ih_l0"] = _strided(net.params["weight_ih_l0"])
+    odd.params["decoder.weight"] = np.asfortranarray(net.params["decoder.weight"])
+    odd.params["weight_hh_l0"] = _readonly(net.params["weight_hh_l0"].T.copy().T)   # Fortran view
+    want = _reference("bptt", _contiguous_net(odd), prob.x, prob.y, prob.state, prob.loss)
+    got = _call("bptt", odd, prob.x, prob.y, prob.state, prob.loss, "cuda")
+    for g, w in zip(got, want):
+        _assert_close64(w, g, "hostile")
