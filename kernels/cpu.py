@@ -13,37 +13,24 @@ whose step, read-out and embedding are the stock ones (see :func:`supports`) -- 
 reference itself, so a subclass that changes the recurrence is never silently run as the stock one.
 
 How the work is laid out (the algorithm is the reference's; only the order of independent
-operations changes, so results agree to round-off):
+operations changes, so results agree to round-off; the measurements behind each choice are in
+docs/kernels.md):
 
-* the batch is split into one chunk of rows per thread (``numba.get_num_threads()``), and each
-  thread runs the whole call -- forward, read-out, backward, its part of every gradient -- on
-  its rows: the examples of a batch never interact, so the only synchronisation is the final sum
-  of the per-chunk gradients.  Plain Python threads (the kernels and NumPy's BLAS release the GIL)
-  rather than numba's ``prange``: no parallel-region compile time, and only two bounded spins
-  per call, once per chunk rather than at every step (the hand-off, :func:`_run_tasks` and
-  :func:`_worker`: waiting for the other threads without sleeping, since every sleep and wake-up
-  costs 20-150 us on this machine's virtual CPUs).  BLAS is held at one thread meanwhile and
-  restored afterwards
-  (:func:`blas_single_thread`): a multi-threaded BLAS spin-waits at every small GEMM of the
-  recurrence, which collapses when the cores are shared;
+* the batch is split into chunks of rows fixed by the batch size alone (:func:`_chunks`), and a
+  chunk is one task of the thread runtime (:mod:`.runtime`: which thread runs it never changes
+  a bit of the result): a task runs the whole call -- forward, read-out, backward, its part of
+  every gradient -- on its rows, since the examples of a batch never interact; the per-chunk
+  gradients are summed in chunk order.  BLAS is single-threaded meanwhile;
 * within a chunk the stacked network runs layer by layer over all steps (layer l at step t only
   needs layer l-1 at step t).  Small networks (every layer's W_ih and W_hh within _FUSE_BYTES,
   :func:`_small_call`) do everything step by step in two kernel calls, feature-major (a_t^T
-  (G*H, B): each gate's block is one long vectorised loop): the input projection, the weight
-  gradients ``da_t^T h_{t-1}``, ``da_t^T x_t`` (each step's product formed, then added, as the
-  reference sums them) and the input gradients, while the step's rows are in cache.  The
-  kernels also write each chunk's rows of the final state, and the calling thread's backward
-  kernel, once the workers are done, sums the chunks' gradients and losses
-  (:class:`_SmallCall`): Python between kernel calls runs 3-5x slower than in a warm loop,
-  since the kernels' working set (~3 MB a thread for W1) evicts it from the caches, and
-  gathering the results in NumPy took ~5% of a float32 W1 step.  (One GEMM over all steps per
-  weight gradient, K = T*B instead of B, is 1.6x faster on its own but made the kernels 6%
-  (float32) and 14% (float64) slower on W1: each step's da_t is in L1 when its own product is
-  formed.);
+  (G*H, B)): the input projection, the weight gradients ``da_t^T h_{t-1}``, ``da_t^T x_t``
+  (each step's product formed, then added, as the reference sums them) and the input gradients,
+  while the step's rows are in cache; the calling thread's backward kernel, once the other
+  chunks are done, sums the chunks' gradients and losses (:class:`_SmallCall`);
 * for large layers only the recurrence -- ``W_hh h_{t-1}`` with the cell nonlinearity, and
   backwards recursion (16)'s ``b_k dS_{s-k}/dS_{s-k-1}`` -- is a sequential loop, jitted in
-  :mod:`._cpu_jit` (its products with W_hh in blocks of 64 gates, which OpenBLAS multiplies
-  without packing W_hh at every step: W2's float32 step 10% faster); ``W_ih x_t`` of every step and the input gradients ``da_t W_ih`` are single
+  :mod:`._cpu_jit`; ``W_ih x_t`` of every step and the input gradients ``da_t W_ih`` are single
   GEMMs, and the weight gradients ``sum_t da_t^T x_t`` per-step GEMMs summed over the steps (the
   reference's summation order, so float32 errors match the reference's);
 * with an embedding and a small vocabulary, layer 0's input projection is read from the table
@@ -51,30 +38,31 @@ operations changes, so results agree to round-off):
 * the read-out's losses and their gradients are one fused kernel, in blocks of steps that bound
   memory for large vocabularies, with the 1/B of the batch mean and the 1/K2 of Eq. (15) folded
   into the loss gradient (everything after it is linear in it);
-* scratch arrays are reused between calls (:class:`_Workspace`): first-touch page faults of
-  fresh arrays otherwise cost as much as the arithmetic on W1-sized problems.
+* scratch arrays are reused between calls (``runtime.Workspace``).
 
 The first call compiles the kernels (a few seconds per float type) and stores them in numba's
 on-disk cache; later processes load them (:func:`warmup` forces both).
 """
-import contextlib
 import math
-import os
-import queue
-import threading
 
 import numba
 import numpy as np
 
 from . import _cpu_jit as jit
+from .runtime import NO_FLAGS as _NO_FLAGS, SPINS as _SPINS, blas_single_thread, release_workspace
+from .runtime import caller_workspaces as _caller_workspaces, parallel as _parallel
+from .runtime import run_tasks as _run_tasks, ws as _ws
 
 __all__ = ["bptt", "step_losses", "grad_norms", "supports", "blas_single_thread", "release_workspace",
            "warmup"]
 
 # Largest number of elements in one read-out block / one cached forward block (memory bound).
 _BLOCK_ELEMENTS = 1 << 22
-# The batch is split over threads only into chunks of at least this many rows.
-_MIN_ROWS_PER_CHUNK = 8
+# The batch is split into chunks of about _CHUNK_ROWS rows, of at least _MIN_ROWS_PER_CHUNK, at
+# most _MAX_CHUNKS of them (see _chunks): 16 rows keep the float32 small path (_SMALL_MIN_ROWS32).
+_CHUNK_ROWS = 32
+_MIN_ROWS_PER_CHUNK = 16
+_MAX_CHUNKS = 16
 # Networks whose every layer's W_ih and W_hh take at most this many bytes run the small path
 # (see _fused): a quarter of a core's L2 cache here, so that weights, their gradients and a step's
 # rows stay in it.
@@ -95,6 +83,8 @@ def supports(net):
                  "to_public"):
         if getattr(cls, name, None) is not getattr(_Network, name):
             return False
+    if getattr(net, "tie_weights", False) or getattr(net, "dropout", 0):
+        return False                 # tied read-out / dropout: the reference (issue 18)
     expected = (LSTM.kind, LSTM.gates) if isinstance(net, LSTM) else (RNN.kind, RNN.gates)
     return ((cls.kind, cls.gates) == expected and net.activation in jit.ACT
             and np.dtype(net.dtype) in (np.float32, np.float64))
@@ -108,178 +98,21 @@ def _reference(op):
     return getattr(importlib.import_module(module), name)
 
 
-# --- BLAS threads ---------------------------------------------------------------------------------
-_controller = None
-_controller_lock = threading.Lock()
-
-
-def _get_controller():
-    global _controller
-    with _controller_lock:
-        if _controller is None:
-            import scipy.linalg.cython_blas  # noqa: F401  (the BLAS numba's np.dot calls)
-            from threadpoolctl import ThreadpoolController
-            _controller = ThreadpoolController()
-        return _controller
-
-
-def _blas_libs():
-    """threadpoolctl's controllers of the BLAS libraries loaded when the controller was made (the
-    one numba's kernels call among them), selected once: ``select`` costs ~10 us a call."""
-    global _blas_selected
-    if _blas_selected is None:
-        _blas_selected = _get_controller().select(user_api="blas").lib_controllers
-    return _blas_selected
-
-
-_blas_selected = None
-_blas_depth = 0                  # how many blas_single_thread regions are open (any thread)
-_blas_saved = []                 # [(threadpoolctl library controller, its thread count)]
-
-
-@contextlib.contextmanager
-def blas_single_thread():
-    """Hold every loaded BLAS at one thread for the duration (inside a parallel region each
-    worker calls BLAS on its own chunk); the previous limits are restored on exit, when the last
-    of any concurrently open regions closes.  Direct get/set calls on threadpoolctl's library
-    controllers: ``ThreadpoolController.limit`` re-queries every library and costs ~0.5 ms a call,
-    a tenth of a W1 step."""
-    global _blas_depth, _blas_saved
-    libs = _blas_libs()
-    with _controller_lock:
-        if _blas_depth == 0:
-            _blas_saved = [(lc, lc.get_num_threads()) for lc in libs]
-            for lc, n in _blas_saved:
-                if n != 1:
-                    lc.set_num_threads(1)
-        _blas_depth += 1
-    try:
-        yield
-    finally:
-        with _controller_lock:
-            _blas_depth -= 1
-            if _blas_depth == 0:
-                for lc, n in _blas_saved:
-                    if n != 1:
-                        lc.set_num_threads(n)
-                _blas_saved = []
-
-
 def _chunks(net, B):
-    """Batch row ranges processed in parallel: one per thread (``numba.get_num_threads()``) as long
-    as each gets at least ``_MIN_ROWS_PER_CHUNK`` rows, else the whole batch in one range.  Every
-    chunk uses a single-threaded BLAS, also for large layers where a multi-threaded BLAS on the
-    whole batch would halve the traffic of W_hh: its threads spin-wait for each other at every
-    small GEMM of the recurrence, which is up to 10x slower when the cores are shared."""
-    n = min(numba.get_num_threads(), B // _MIN_ROWS_PER_CHUNK)
+    """The batch's row ranges, each computed as one task (``npbptt.kernels.runtime``): fixed by the
+    batch size B alone, never by the thread count, so that every result is bitwise the same on 1
+    or 64 threads (runtime contract 1).  Chunks of about _CHUNK_ROWS rows, but two once the batch
+    has 2 * _MIN_ROWS_PER_CHUNK rows, at most _MAX_CHUNKS, the rows spread evenly: B = 32 gives
+    2 x 16, 64 gives 2 x 32, 128 gives 4 x 32.  (Smaller chunks leave more threads busy on a
+    many-core machine but cost the GEMMs: W1 (B = 64) in 4 chunks of 16 ran 8% (float64) and 14%
+    (float32) slower on 2 threads than in 2 of 32.)  Every chunk uses a single-threaded BLAS,
+    also for large layers where a multi-threaded BLAS on the whole batch would halve the traffic
+    of W_hh: its threads spin-wait for each other at every small GEMM of the recurrence, which is
+    up to 10x slower when the cores are shared."""
+    n = min(_MAX_CHUNKS, max(B // _CHUNK_ROWS, min(2, B // _MIN_ROWS_PER_CHUNK)))
     if n <= 1:
         return [(0, B)]
     return [(c * B // n, (c + 1) * B // n) for c in range(n)]
-
-
-_tasks = None                    # queue.SimpleQueue of (task, index, reply queue, done flags)
-_n_workers = 0
-
-
-# How long the calling thread, its own task done, spins for the workers' (jit.wait_flags) before
-# it blocks, and how long an idle worker spins for the next task before it blocks: ~4 ms each
-# (~1 ns a round).  With ~1 ms, the float64 W1 loop's worker ran out of spin before the next call
-# in half of the calls (its chunk done early, it waits for the caller's chunk, then the caller's
-# Python between calls).
-_SPINS = 1 << 22
-_IDLE_SPINS = 1 << 22
-_NO_FLAGS = np.zeros(0, np.int64)
-_posted = np.zeros(256, np.int64)    # _posted[w] = 1: a task was queued since worker w looked
-
-
-def _worker(w):
-    """Worker thread w: runs queued tasks; between them it spins (without the GIL) for up to
-    _IDLE_SPINS rounds on _posted[w] before it blocks on the queue, so that in a loop of calls
-    the next task neither waits for a sleeping thread to wake up (20-50 us here) nor costs its
-    poster the system call that wakes it (~15 us).  A task's caller learns that its result is in
-    the reply queue from flag ``done[c - 1]``, set inside that spin once the GIL is let go."""
-    flag = _posted[w:w + 1]
-    signal, k = _NO_FLAGS, 0                 # the done flag still to set, and where
-    while True:
-        flag[0] = 0
-        try:
-            item = _tasks.get_nowait()
-        except queue.Empty:
-            item = None
-        if item is None:
-            try:
-                posted = jit.wait_flags(flag, _IDLE_SPINS, signal, k)
-            except BaseException:    # noqa: BLE001 (never: but a dead worker would hang callers)
-                if signal.shape[0]:
-                    signal[k] = 1
-                posted = False
-            signal = _NO_FLAGS
-            if posted:
-                continue             # something was posted: take it (or, taken, spin again)
-            item = _tasks.get()
-        elif signal.shape[0]:
-            signal[k] = 1
-            signal = _NO_FLAGS
-        task, c, reply, done = item
-        try:
-            reply.put((c, True, task(c)))
-        except BaseException as e:   # noqa: BLE001 (handed to the caller, which re-raises it)
-            reply.put((c, False, e))
-        signal, k = done, c - 1      # after the reply: the caller's get() then never blocks
-
-
-def _run_tasks(tasks, first_waits=False):
-    """[task() for task in tasks], in parallel threads: the calling thread runs the first, persistent
-    daemon workers the others (the kernels and NumPy's BLAS release the GIL), BLAS held at one
-    thread meanwhile.  Task c computes in workspace c of the calling thread (see
-    :class:`_Workspace`).  The workers are fed through a ``queue.SimpleQueue`` (C-level;
-    concurrent.futures' Python bookkeeping cost ~20 us a call, 1% of a W1 step); an exception in
-    any task is re-raised.
-
-    The calling thread waits for the workers by spinning without the GIL (jit.wait_flags on flags
-    each worker sets after handing in its result), not by blocking: every sleep and wake-up of a
-    thread on this machine's virtual CPUs costs 20-150 us (a thread waking up to take back the
-    GIL as well).  With ``first_waits`` the first task is called as ``tasks[0](flags, posted)``:
-    its first kernel call tells the idle workers that their tasks are queued (``posted``, see
-    :func:`_worker`) and its last waits for ``flags``, both without the GIL, so that neither a
-    worker starting nor the calling thread finishing waits for the other to let go of it."""
-    global _tasks, _n_workers
-    spaces = _caller_workspaces(len(tasks))
-
-    def task(c, *flags):
-        _current.ws = spaces[c]
-        return tasks[c](*flags)
-
-    if len(tasks) == 1:
-        return [task(0)]
-    with _controller_lock:
-        if _tasks is None:
-            _tasks = queue.SimpleQueue()
-        while _n_workers < min(len(tasks) - 1, len(_posted)):
-            threading.Thread(target=_worker, args=(_n_workers,), name=f"npbptt-kernels-{_n_workers}",
-                             daemon=True).start()
-            _n_workers += 1
-    reply, flags = queue.SimpleQueue(), np.zeros(len(tasks) - 1, np.int64)
-    with blas_single_thread():
-        for c in range(1, len(tasks)):
-            _tasks.put((task, c, reply, flags))
-        if not first_waits:
-            _posted[:_n_workers] = 1
-        try:
-            first = task(0, flags, _posted[:_n_workers]) if first_waits else task(0)
-        finally:
-            jit.wait_flags(flags, _SPINS, _NO_FLAGS, 0)
-            done = sorted((reply.get() for _ in range(1, len(tasks))), key=lambda r: r[0])
-    for _, ok, value in done:
-        if not ok:
-            raise value
-    return [first] + [value for _, _, value in done]
-
-
-def _parallel(fn, chunks):
-    """[fn(r0, r1) for (r0, r1) in chunks], in parallel threads (:func:`_run_tasks`), each chunk
-    in its own workspace."""
-    return _run_tasks([(lambda r0=r0, r1=r1: fn(r0, r1)) for r0, r1 in chunks])
 
 
 def _rows(a, r0, r1):
@@ -304,69 +137,6 @@ def _combine_grads(parts, names):
 
 
 # --- network pieces -------------------------------------------------------------------------------
-class _Workspace:
-    """Scratch buffers reused from call to call.  A freshly allocated large array costs a page
-    fault per page on first touch, which for W1-sized problems costs as much as the arithmetic.
-    One workspace per (calling thread, batch chunk), so concurrent calls and the chunks of one call
-    never share buffers; returned arrays (gradients, states, losses) are always fresh."""
-
-    def __init__(self):
-        self.bufs = {}
-        self.views = {}          # key -> (shape, dtype, the view last handed out)
-        self.plans = {}          # _SmallPlan by call shape, most recent last (see _small_call)
-
-    def get(self, key, shape, dtype):
-        hit = self.views.get(key)
-        if hit is not None and hit[0] == shape and hit[1] == dtype:
-            return hit[2]
-        n = math.prod(shape)
-        dtype = np.dtype(dtype)
-        buf = self.bufs.get((key, dtype))
-        if buf is None or buf.size < n:
-            buf = np.empty(max(n, 1), dtype)
-            self.bufs[(key, dtype)] = buf
-        view = buf[:n].reshape(shape)
-        self.views[key] = (tuple(shape), dtype, view)
-        return view
-
-
-_workspaces = {}                 # (calling thread ident, chunk index) -> _Workspace
-_current = threading.local()     # .ws: the workspace of the chunk this thread is working on
-
-
-def _after_fork_in_child():
-    """A forked child has none of the parent's worker threads (a queued task would never run, and
-    the caller would wait for it forever) and may hold a lock some parent thread held: start
-    afresh."""
-    global _tasks, _n_workers, _controller_lock, _blas_depth, _blas_saved
-    _tasks, _n_workers = None, 0
-    _posted[:] = 0
-    _controller_lock = threading.Lock()
-    _blas_depth, _blas_saved = 0, []
-    _workspaces.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _caller_workspaces(n):
-    """Workspaces 0..n-1 of the calling thread (one per chunk of its calls)."""
-    caller = threading.get_ident()
-    with _controller_lock:
-        return [_workspaces.setdefault((caller, c), _Workspace()) for c in range(n)]
-
-
-def _ws():
-    """The workspace of the chunk the current thread is computing."""
-    return _current.ws
-
-
-def release_workspace():
-    """Free the scratch buffers kept between calls."""
-    with _controller_lock:
-        _workspaces.clear()
-
-
 class _Layer:
     """What the backward sweep needs of one layer's forward pass over a chunk: its input X (None for
     layer 0 when the input projection came from the embedding table), the activations D, and the
@@ -846,20 +616,24 @@ def _small_call(net, x, y, S, chunks, K2, loss, scale, probe, n_tokens):
     function a kernel calls as part of it, which cost 2 s more compile time per float type.)"""
     T = x.shape[0]
     table = _use_table(net, n_tokens)
+    # The plan is keyed on everything its buffers are sized by -- the parameters' names, shapes
+    # and dtypes included, not only the architecture -- and kept only once the call succeeded,
+    # so that a call that fails (bad input, KeyboardInterrupt) never leaves a plan for the next.
     key = (type(net), net.kind, net.activation, net.num_layers, net.hidden_size, net.input_size,
-           net.output_size, net.vocab_size, "bias_ih_l0" in net.params, net.dtype,
+           net.output_size, net.vocab_size, net.dtype,
+           tuple((n, p.shape, p.dtype.str) for n, p in net.params.items()),
            T, tuple(chunks), K2, loss, scale, probe, table)
     plans = _caller_workspaces(1)[0].plans
     entry = plans.pop(key, None)
     if entry is None:
         prm = _SmallParams(net, table)
         entry = prm, _SmallCall(net, prm, T, chunks, K2, loss, scale, probe)
-    plans[key] = entry                                   # most recent last
-    while len(plans) > _PLANS_KEPT:
-        del plans[next(iter(plans))]
     prm, call = entry
     prm.refresh(net)
     gout, S_out = call(x, y, S)
+    plans[key] = entry                                   # most recent last
+    while len(plans) > _PLANS_KEPT:
+        del plans[next(iter(plans))]
     return call, gout, S_out
 
 

@@ -11,14 +11,10 @@ _float32_check); an error below 4 float32 epsilons counts as that (a result cann
 meaningfully closer than a few roundings of its largest entries).
 """
 import contextlib
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from threadpoolctl import threadpool_info
 
 import npbptt
 from npbptt import backends
@@ -407,92 +403,6 @@ def test_default_backend_is_numba_and_public_entry_points_use_it():
         _assert_close64(b.grads[n], a.grads[n], n)
 
 
-def test_blas_thread_limits_are_restored_after_parallel_chunks():
-    prob = make_problem(np.random.default_rng(6), kind="lstm", layers=2, T=5, B=40, H=6)
-    x, y, S = _validated(prob)
-    cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)             # load every library first
-    before = [(d["filepath"], d["num_threads"]) for d in threadpool_info()]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_MIN_ROWS_PER_CHUNK", 1)
-        cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)
-        cpu.grad_norms(prob.net, x, y, S, prob.loss)
-    assert [(d["filepath"], d["num_threads"]) for d in threadpool_info()] == before
-
-
-def test_blas_single_thread_nests_and_survives_concurrent_callers():
-    """Inside the region every BLAS runs one thread, also when regions nest; the caller's limits
-    come back only when the last region closes, also with several Python threads calling the
-    kernels at once."""
-    import threading
-    prob = make_problem(np.random.default_rng(7), kind="lstm", layers=2, T=5, B=40, H=6)
-    x, y, S = _validated(prob)
-    cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)
-    blas = lambda: [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
-    before = [(d["filepath"], d["num_threads"]) for d in threadpool_info()]
-    with cpu.blas_single_thread():
-        with cpu.blas_single_thread():
-            assert blas() and all(n == 1 for n in blas())
-        assert all(n == 1 for n in blas())
-    assert [(d["filepath"], d["num_threads"]) for d in threadpool_info()] == before
-    errors = []
-
-    def worker():
-        try:
-            for _ in range(10):
-                cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)
-        except Exception as e:          # noqa: BLE001
-            errors.append(e)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_MIN_ROWS_PER_CHUNK", 1)
-        threads = [threading.Thread(target=worker) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors
-    assert [(d["filepath"], d["num_threads"]) for d in threadpool_info()] == before
-
-
-def test_concurrent_callers_get_their_own_results():
-    """Several Python threads calling the threaded kernels at once, on problems of different shapes
-    and both paths (so different per-call plans, one shared worker pool), each get exactly what a
-    lone call gives, and the same as the reference."""
-    import threading
-    rng = np.random.default_rng(8)
-    probs = [make_problem(rng, kind=k, layers=l, T=6, B=B, H=H)
-             for k, l, B, H in (("lstm", 2, 40, 6), ("rnn", 1, 33, 5), ("lstm", 1, 24, 40))]
-    errors, alone = [], []
-
-    def caller(i):
-        prob = probs[i]
-        x, y, S = _validated(prob)
-        try:
-            for _ in range(8):
-                loss, grads, S_T = cpu.bptt(prob.net, x, y, S, 5, 3, prob.loss)
-                assert loss == alone[i][0]
-                assert all(np.array_equal(grads[n], alone[i][1][n]) for n in grads)
-                assert all(np.array_equal(a, b) for a, b in zip(S_T, alone[i][2]))
-        except Exception as e:          # noqa: BLE001
-            errors.append(e)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_FUSE_BYTES", 1 << 12)            # the third problem takes the large path
-        mp.setattr(cpu, "_MIN_ROWS_PER_CHUNK", 4)
-        for prob in probs:
-            x, y, S = _validated(prob)
-            ref = bptt_reference(prob.net, x, y, S, 5, 3, prob.loss)
-            got = cpu.bptt(prob.net, x, y, S, 5, 3, prob.loss)
-            _assert_grads_close64(prob, 5, 3, ref[1], got[1])
-            alone.append(got)
-        threads = [threading.Thread(target=caller, args=(i % 3,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors, errors
-
-
 def test_results_gathered_by_the_caller_when_the_kernels_wait_runs_out():
     """The calling thread's kernel sums the chunks' gradients and losses once the worker threads
     are done; when its bounded wait for them runs out (here: a wait of one round), the caller
@@ -516,56 +426,3 @@ def test_results_gathered_by_the_caller_when_the_kernels_wait_runs_out():
     assert abs(normal[0] - ref[0]) <= 1e-12 * abs(ref[0])
     _assert_grads_close64(prob, 6, 3, ref[1], normal[1])
     _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss), phi, "phi")
-
-
-_FORK_SCRIPT = """
-import os, sys, time
-import numpy as np
-sys.path.insert(0, {tests!r})
-from problems import make_problem
-from npbptt.kernels import cpu
-from npbptt.validate import check_inputs
-prob = make_problem(np.random.default_rng(5), kind="lstm", layers=2, T=5, B=16, H=4)
-x, y, S = check_inputs(prob.net, prob.x, prob.y, prob.state, prob.loss)
-cpu._chunks = lambda net, B: [(0, B // 2), (B // 2, B)]     # two chunks: a worker thread
-_, g_parent, _ = cpu.bptt(prob.net, x, y, S, 4, 4, prob.loss)
-pid = os.fork()
-if pid == 0:                                                # the child: 0 when it agrees
-    code = 1
-    try:
-        _, g_child, _ = cpu.bptt(prob.net, x, y, S, 4, 4, prob.loss)
-        code = 0 if all(np.array_equal(g_child[k], g_parent[k]) for k in g_parent) else 2
-    finally:
-        os._exit(code)
-deadline = time.monotonic() + 60
-while True:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        sys.exit(os.waitstatus_to_exitcode(status))
-    if time.monotonic() > deadline:
-        os.kill(pid, 9)
-        sys.exit("the forked child hung in the kernels")
-    time.sleep(0.05)
-"""
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_runs_the_kernels_after_the_parent_started_its_threads():
-    """After the parent has run the threaded kernels (worker threads started), a forked child --
-    which has none of those threads -- still computes the same result instead of waiting forever
-    for a worker that does not exist.  (In a fresh process: forking this one, with JAX's and
-    torch's threads in it, could deadlock in their locks instead.)"""
-    script = _FORK_SCRIPT.format(tests=os.path.dirname(__file__))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_kernel_errors_inside_a_chunk_thread_propagate():
-    """An exception in a worker chunk reaches the caller (nothing is silently skipped)."""
-    def boom(r0, r1):
-        if r0 > 0:
-            raise RuntimeError("chunk failed")
-        return r1
-    assert cpu._parallel(boom, [(0, 5)]) == [5]
-    with pytest.raises(RuntimeError, match="chunk failed"):
-        cpu._parallel(boom, [(0, 5), (5, 10)])
