@@ -87,13 +87,15 @@ def bptt_reference(net, x, y, S, K1, K2, loss):
             ell, dout = loss_fn(net.readout(tops[i]), y[t])
             total += float(ell.mean())
             d_readout, dh_top = net.readout_vjp(tops[i], dout / B)
-            _accumulate(grads, d_readout)    # the direct term dL_s/dtheta of Eq. (2)
+            # the direct term dL_s/dtheta of Eq. (2); a tied read-out's weight is keyed
+            # "embedding.weight" (net.decoder_weight_name) and adds to the embedding's gradient
+            _accumulate(grads, d_readout)
             b[0][-1] += dh_top
         # Eq. (15)/(16): add b_k . dS_{s-k}/dtheta, and form b_{k+1}'s first term
         # b_k . dS_{s-k}/dS_{s-k-1} (unused after k = K1: that state is a constant).
         dtheta, b, dx = net.step_vjp(caches[i], b)
         _accumulate(grads, dtheta)
-        if net.embedding:
+        if net.embedding:            # the input use of E; tied: summed with the read-out use
             np.add.at(grads["embedding.weight"], x[t], dx)
     for v in grads.values():
         v /= K2                      # the 1/K2 of Eq. (15)
@@ -137,7 +139,9 @@ def bptt(net, x, y, state, K1, K2, loss="cross_entropy", backend=None):
       over batch and outputs as PyTorch's ``MSELoss``); the gradient is of the mean over the K2
       losses, i.e. includes the 1/K2 normalisation of Eq. (15), as the paper insists.
     * The read-out parameters get the direct term dL_s/dtheta of Eq. (2) for each of the K2
-      losses; it is not truncated.
+      losses; it is not truncated.  With ``net.tie_weights`` the read-out's weight is
+      ``embedding.weight``: its gradient is that direct term plus the (truncated) input-side
+      terms of Eq. (15), the sum of both uses.
     * S_t is the full state handed from step t to step t+1 (every layer's h, and c for the LSTM);
       b_k = dL/dS_{s-k} perturbs S_{s-k} as the input of step s-k+1 and of the read-out at s-k.
     * The paper indexes the inner sum of Eq. (15) from ``k = s - t`` (a typo); the recursion (16)

@@ -13,6 +13,11 @@ weights is copying arrays:
 
 A float64 network stays float64 in both frameworks and the copies are exact.
 
+Tied weights: a network with ``tie_weights=True`` has no ``decoder.weight`` (the read-out uses
+``embedding.weight``).  :func:`to_torch` gives a decoder whose ``weight`` *is* the embedding's
+Parameter, and :func:`from_torch` / :func:`from_state_dict` build a tied network when the
+decoder's weight is the embedding's (the same object, or the same storage).
+
 JAX and 64 bits
 ---------------
 JAX computes in float32 unless its 64-bit mode is on.  :func:`to_jax` of a float64 network
@@ -43,6 +48,22 @@ def _import(name):
         raise ImportError(f"{name} is not installed; install the extra: pip install 'npbptt[{name}]'") from e
 
 
+def _same_storage(a, b):
+    """Whether two weights are one tensor: the same object, or torch tensors / NumPy arrays with
+    the same data pointer, shape and strides (``decoder.weight = encoder.weight`` in PyTorch)."""
+    if a is None or b is None:
+        return False
+    if a is b:
+        return True
+    if hasattr(a, "data_ptr") and hasattr(b, "data_ptr"):
+        return (a.data_ptr() == b.data_ptr() and tuple(a.shape) == tuple(b.shape)
+                and a.stride() == b.stride() and a.device == b.device)
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+                and a.shape == b.shape and a.strides == b.strides)
+    return False
+
+
 def _to_numpy(v):
     """A torch tensor, a JAX array or anything array-like -> a NumPy array (copied later)."""
     if hasattr(v, "detach") and hasattr(v, "cpu"):     # torch.Tensor / nn.Parameter
@@ -51,7 +72,7 @@ def _to_numpy(v):
 
 
 # --- dict of arrays -> network ----------------------------------------------------------------
-def from_state_dict(params, kind=None, activation="tanh", dtype=None):
+def from_state_dict(params, kind=None, activation="tanh", dtype=None, tie_weights=None):
     """Build an :class:`~npbptt.RNN` or :class:`~npbptt.LSTM` from a dict of arrays named as
     ``net.params`` (PyTorch's names; values may be NumPy arrays, torch tensors or JAX arrays).
 
@@ -65,12 +86,29 @@ def from_state_dict(params, kind=None, activation="tanh", dtype=None):
     activation : the simple RNN's activation ("tanh", "relu", "sigmoid", "linear"); the arrays
         do not record it.
     dtype : float32 or float64; None takes float32 when every array is float32, else float64.
+    tie_weights : True: a tied read-out (``embedding.weight`` is the decoder's weight;
+        ``decoder.weight`` may be absent, or must equal ``embedding.weight``); False: untied;
+        None: tied exactly when ``decoder.weight`` and ``embedding.weight`` are one tensor
+        (the same object or storage, as after ``decoder.weight = encoder.weight`` in PyTorch).
 
     The values are copied; float64 values are copied exactly.
     """
     if not isinstance(params, Mapping):
         raise ValueError(f"params must be a mapping name -> array, got {type(params).__name__}")
+    if tie_weights is None:
+        tie_weights = _same_storage(params.get("decoder.weight"), params.get("embedding.weight"))
+    elif not isinstance(tie_weights, (bool, np.bool_)):
+        raise ValueError(f"tie_weights must be None, True or False, got {tie_weights!r}")
     arrays = {str(k): _to_numpy(v) for k, v in params.items()}
+    if tie_weights:
+        if "embedding.weight" not in arrays:
+            raise ValueError("params must contain embedding.weight with tie_weights=True (the "
+                             "tied read-out's weight)")
+        dec = arrays.pop("decoder.weight", None)
+        if dec is not None and not np.array_equal(dec, arrays["embedding.weight"]):
+            raise ValueError("params['decoder.weight'] differs from params['embedding.weight'] "
+                             "with tie_weights=True; a tied network has one matrix")
+        arrays["decoder.weight"] = arrays["embedding.weight"]     # for the shape checks below
     L = 0
     while f"weight_ih_l{L}" in arrays:
         L += 1
@@ -81,7 +119,8 @@ def from_state_dict(params, kind=None, activation="tanh", dtype=None):
                if k not in arrays]
     if missing:
         raise ValueError(f"params is missing {missing} (a network needs every layer's weights "
-                         "and the linear read-out decoder.weight, decoder.bias)")
+                         "and the linear read-out decoder.weight, decoder.bias; pass "
+                         "tie_weights=True for a read-out tied to embedding.weight)")
     whh = arrays["weight_hh_l0"]
     if whh.ndim != 2 or whh.shape[1] < 1 or whh.shape[0] % whh.shape[1]:
         raise ValueError(f"params['weight_hh_l0'] must have shape (G*H, H), got {whh.shape}")
@@ -114,7 +153,9 @@ def from_state_dict(params, kind=None, activation="tanh", dtype=None):
         dtype = np.float32 if all(a.dtype == np.float32 for a in arrays.values()) else np.float64
     kw = dict(input_size=int(wih.shape[1]), hidden_size=int(H), num_layers=L,
               output_size=int(dec.shape[0]), vocab_size=None if emb is None else int(emb.shape[0]),
-              bias=bias, dtype=dtype, seed=0)
+              bias=bias, dtype=dtype, seed=0, tie_weights=bool(tie_weights))
+    if tie_weights:
+        del arrays["decoder.weight"]
     net = LSTM(**kw) if inferred == "lstm" else RNN(activation=activation, **kw)
     _copy_into(net, arrays, "params")
     return net
@@ -137,7 +178,8 @@ def _copy_into(net, arrays, argname):
 
 def with_dtype(net, dtype):
     """A copy of ``net`` computing in ``dtype`` (float32 -> float64 is exact)."""
-    return from_state_dict(net.params, kind=net.kind, activation=net.activation, dtype=dtype)
+    return from_state_dict(net.params, kind=net.kind, activation=net.activation, dtype=dtype,
+                           tie_weights=net.tie_weights)
 
 
 # --- PyTorch ------------------------------------------------------------------------------------
@@ -147,7 +189,9 @@ class TorchModules:
 
     ``mods(x, state) -> (out, state)`` runs embedding, recurrence and read-out on a segment
     x (T, B) tokens or (T, B, input_size); ``out`` is (T, B, output_size).  The state is the
-    public state (RNN: h (L, B, H); LSTM: (h, c)), as nn.RNN / nn.LSTM take it.
+    public state (RNN: h (L, B, H); LSTM: (h, c)), as nn.RNN / nn.LSTM take it.  Tied
+    (:attr:`tie_weights`): ``decoder.weight`` is ``embedding.weight``, one Parameter, listed
+    once as ``embedding.weight``.
     """
 
     def __init__(self, rnn, decoder, embedding=None):
@@ -155,6 +199,11 @@ class TorchModules:
 
     def __iter__(self):
         return iter((self.rnn, self.decoder, self.embedding))
+
+    @property
+    def tie_weights(self):
+        """True when the decoder's weight is the embedding's (one tensor)."""
+        return self.embedding is not None and _same_storage(self.decoder.weight, self.embedding.weight)
 
     def __call__(self, x, state):
         inp = self.embedding(x) if self.embedding is not None else x
@@ -165,6 +214,8 @@ class TorchModules:
         """{npbptt name: torch Parameter}: the rnn's own names, ``decoder.*``, ``embedding.weight``."""
         out = dict(self.rnn.named_parameters())
         out.update({f"decoder.{k}": v for k, v in self.decoder.named_parameters()})
+        if self.tie_weights:
+            del out["decoder.weight"]           # the same Parameter as embedding.weight
         if self.embedding is not None:
             out["embedding.weight"] = self.embedding.weight
         return out
@@ -197,6 +248,8 @@ def to_torch(net):
     decoder = torch.nn.Linear(net.hidden_size, net.output_size, dtype=tdtype)
     embedding = (torch.nn.Embedding(net.vocab_size, net.input_size, dtype=tdtype)
                  if net.embedding else None)
+    if net.tie_weights:
+        decoder.weight = embedding.weight       # one Parameter: the tie, as PyTorch LMs write it
     mods = TorchModules(rnn, decoder, embedding)
     with torch.no_grad():
         for name, p in mods.named_parameters().items():
@@ -229,12 +282,18 @@ def from_torch(rnn, decoder=None, embedding=None, activation=None, dtype=None):
     activation : a simple RNN's activation; read from ``nn.RNN.nonlinearity`` when a module is given.
     dtype : None keeps the tensors' dtype (float32 stays float32, anything else float64).
 
+    A decoder whose weight is the embedding's weight (``decoder.weight is embedding.weight``, or
+    the same storage) gives a tied network (``tie_weights=True``).
+
     Dropout configured on the module is ignored: the weights are what is copied.
     """
     torch = _import("torch")
     if isinstance(rnn, TorchModules):
         rnn, decoder, embedding = rnn.rnn, rnn.decoder, rnn.embedding
+    dec_w, emb_w = _weight(decoder), _weight(embedding)
     if isinstance(rnn, Mapping):
+        dec_w = rnn.get("decoder.weight") if decoder is None else dec_w
+        emb_w = rnn.get("embedding.weight") if embedding is None else emb_w
         arrays = {k: _to_numpy(v) for k, v in rnn.items()}
         kind = None
     elif isinstance(rnn, (torch.nn.LSTM, torch.nn.RNN)):
@@ -266,7 +325,15 @@ def from_torch(rnn, decoder=None, embedding=None, activation=None, dtype=None):
         if "weight" not in e:
             raise ValueError(f"embedding must have a 'weight' (vocab_size, input_size), got keys {sorted(e)}")
         arrays["embedding.weight"] = e["weight"]
-    return from_state_dict(arrays, kind=kind, activation=activation or "tanh", dtype=dtype)
+    return from_state_dict(arrays, kind=kind, activation=activation or "tanh", dtype=dtype,
+                           tie_weights=_same_storage(dec_w, emb_w))
+
+
+def _weight(obj):
+    """The ``weight`` of a module or a state dict, as given (not copied), or None."""
+    if isinstance(obj, Mapping):
+        return obj.get("weight")
+    return getattr(obj, "weight", None)
 
 
 # --- JAX --------------------------------------------------------------------------------------
@@ -318,6 +385,7 @@ def jax_network_fn(net):
     act = {"tanh": jnp.tanh, "relu": jax.nn.relu, "sigmoid": jax.nn.sigmoid,
            "linear": lambda z: z}[net.activation]
     L, H, lstm, emb, bias = net.num_layers, net.hidden_size, net.kind == "lstm", net.embedding, net.bias
+    dec_name = net.decoder_weight_name
 
     def step(p, S, x_t):
         inp = p["embedding.weight"][x_t] if emb else x_t
@@ -337,6 +405,6 @@ def jax_network_fn(net):
             hs.append(h)
             inp = h
         S_new = (jnp.stack(hs), jnp.stack(cs)) if lstm else (jnp.stack(hs),)
-        return S_new, inp @ p["decoder.weight"].T + p["decoder.bias"]
+        return S_new, inp @ p[dec_name].T + p["decoder.bias"]   # tied: embedding.weight
 
     return step

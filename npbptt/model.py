@@ -8,6 +8,10 @@ input x_t to S_t:
     h_t^(l) = H_l(h_{t-1}^(l), h_t^(l-1); theta_l),  h_t^(0) = e_t      (§2, stacked RNNs)
     out_t  = W_dec h_t^(L) + b_dec                                      (linear read-out)
 
+With ``tie_weights=True`` the read-out reuses the embedding matrix, W_dec = E (V, H): logits
+h_t^(L) E^T + b_dec, so ``params`` has no ``decoder.weight`` and ``grads["embedding.weight"]``
+is the sum of the two uses of E (the input rows E[x_t] and the read-out).
+
 Internally a state is a tuple of arrays of shape (L, B, H): ``(h,)`` for the simple RNN and
 ``(h, c)`` for the LSTM.  The public state (``init_state``, ``bptt(..., state)``) is the array
 ``h`` for the RNN and the tuple ``(h, c)`` for the LSTM, as in PyTorch.
@@ -26,9 +30,10 @@ class _Network:
 
     kind = None
     gates = 1
+    tie_weights = False                     # set per instance by __init__
 
     def __init__(self, input_size, hidden_size, num_layers=1, output_size=None, vocab_size=None,
-                 activation="tanh", bias=True, dtype=np.float64, seed=None):
+                 activation="tanh", bias=True, dtype=np.float64, seed=None, tie_weights=False):
         for name, v, lo in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
                             ("num_layers", num_layers, 1)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
@@ -41,6 +46,18 @@ class _Network:
             raise ValueError(f"vocab_size must be None or an integer >= 1, got {vocab_size!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if not isinstance(tie_weights, (bool, np.bool_)):
+            raise ValueError(f"tie_weights must be True or False, got {tie_weights!r}")
+        if tie_weights:                     # the read-out reuses E (V, input_size) as W_dec (O, H)
+            if vocab_size is None:
+                raise ValueError("vocab_size is required with tie_weights=True (the read-out "
+                                 "reuses the embedding matrix), got None")
+            if output_size != vocab_size:
+                raise ValueError(f"output_size must equal vocab_size={vocab_size} with "
+                                 f"tie_weights=True, got {output_size!r}")
+            if input_size != hidden_size:
+                raise ValueError(f"input_size must equal hidden_size={hidden_size} with "
+                                 f"tie_weights=True (the embedding is the read-out), got {input_size!r}")
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -48,6 +65,7 @@ class _Network:
         self.output_size = int(output_size)
         self.vocab_size = None if vocab_size is None else int(vocab_size)
         self.activation, self.bias, self.dtype = activation, bool(bias), dtype
+        self.tie_weights = bool(tie_weights)
         self.params = self._init_params(np.random.default_rng(seed))
 
     # -- parameters ---------------------------------------------------------------------------
@@ -64,7 +82,8 @@ class _Network:
             if self.bias:
                 shapes[f"bias_ih_l{l}"] = (G * H,)
                 shapes[f"bias_hh_l{l}"] = (G * H,)
-        shapes["decoder.weight"] = (self.output_size, H)
+        if not self.tie_weights:            # tied: the read-out's weight is embedding.weight
+            shapes["decoder.weight"] = (self.output_size, H)
         shapes["decoder.bias"] = (self.output_size,)
         return shapes
 
@@ -115,6 +134,8 @@ class _Network:
                    dtype=self.dtype.name)
         if self.kind == "rnn":
             cfg["activation"] = self.activation
+        if self.tie_weights:
+            cfg["tie_weights"] = True
         return cfg
 
     def __repr__(self):
@@ -183,20 +204,35 @@ class _Network:
         return grads, dS_prev, dx
 
     # -- read-out ------------------------------------------------------------------------
+    @property
+    def decoder_weight_name(self):
+        """Name in ``params`` of the read-out's weight W_dec (O, H): ``"embedding.weight"`` for a
+        tied network, else ``"decoder.weight"``.  The one place that knows about the tie."""
+        return "embedding.weight" if self.tie_weights else "decoder.weight"
+
+    def decoder_weight(self):
+        """The read-out's weight W_dec (O, H): ``params[decoder_weight_name]`` (a view)."""
+        return self.params[self.decoder_weight_name]
+
     def readout(self, h_top):
-        """Linear read-out: (B, H) -> (B, output_size)."""
-        return h_top @ self.params["decoder.weight"].T + self.params["decoder.bias"]
+        """Linear read-out: (B, H) -> (B, output_size), out_t = W_dec h_t + b_dec."""
+        return h_top @ self.decoder_weight().T + self.params["decoder.bias"]
 
     def readout_vjp(self, h_top, dout):
-        """VJP of :meth:`readout`: returns ({decoder grads}, dh_top (B, H))."""
-        return ({"decoder.weight": dout.T @ h_top, "decoder.bias": dout.sum(axis=0)},
-                dout @ self.params["decoder.weight"])
+        """VJP of :meth:`readout`: returns ({read-out grads}, dh_top (B, H)).  The weight's
+        gradient is keyed by :attr:`decoder_weight_name`; for a tied network the caller adds it
+        to the embedding's own gradient (Eq. (15)/(16) sum every use of a parameter)."""
+        W = self.decoder_weight()
+        return ({self.decoder_weight_name: dout.T @ h_top, "decoder.bias": dout.sum(axis=0)},
+                dout @ W)
 
 
 class RNN(_Network):
     """Stacked simple RNN, h_t = rho(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh) (§2), PyTorch's nn.RNN
     parameter names and shapes, with an embedding (``vocab_size``) or dense input and a linear
-    read-out ``decoder``.  ``activation`` in {"tanh", "relu", "sigmoid", "linear"}."""
+    read-out ``decoder``.  ``activation`` in {"tanh", "relu", "sigmoid", "linear"}.
+    ``tie_weights=True``: the read-out's weight is ``embedding.weight`` (needs ``vocab_size``,
+    ``output_size == vocab_size`` and ``input_size == hidden_size``)."""
 
     kind = "rnn"
     gates = 1
@@ -204,12 +240,14 @@ class RNN(_Network):
 
 class LSTM(_Network):
     """Stacked LSTM (§2), PyTorch's nn.LSTM parameter names and gate order (i, f, g, o), with an
-    embedding (``vocab_size``) or dense input and a linear read-out ``decoder``."""
+    embedding (``vocab_size``) or dense input and a linear read-out ``decoder``.
+    ``tie_weights=True``: the read-out's weight is ``embedding.weight`` (as :class:`RNN`)."""
 
     kind = "lstm"
     gates = 4
 
     def __init__(self, input_size, hidden_size, num_layers=1, output_size=None, vocab_size=None,
-                 bias=True, dtype=np.float64, seed=None):
+                 bias=True, dtype=np.float64, seed=None, tie_weights=False):
         super().__init__(input_size, hidden_size, num_layers, output_size, vocab_size,
-                         activation="tanh", bias=bias, dtype=dtype, seed=seed)
+                         activation="tanh", bias=bias, dtype=dtype, seed=seed,
+                         tie_weights=tie_weights)

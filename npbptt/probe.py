@@ -30,7 +30,8 @@ def _backward_sweep(net, x, y, S, loss, with_params):
     G = None
     if with_params:
         G = net.zero_grads()
-        _accumulate(G, {k: v / B for k, v in d_readout.items()})  # direct term of Eq. (2)
+        # direct term of Eq. (2); tied: keyed "embedding.weight" (net.decoder_weight_name)
+        _accumulate(G, {k: v / B for k, v in d_readout.items()})
     b = tuple(np.zeros_like(s) for s in S)
     b[0][-1] += dh_top                          # Eq. (16), k = 0: b_0 = d ell_T / dS_T
     for k in range(T):

@@ -45,6 +45,10 @@ Notes
 * M of (A-2) covers the state-update parameters only: the read-out's direct term dL_s/dtheta
   of Eqs. (2)-(3) is never truncated and cancels in the bias.  Per example, M bounds the
   operator norm of b -> b . dH/dtheta, which is what (B.2) uses.
+* Tied weights (``net.tie_weights``): the read-out's weight is ``embedding.weight``, a
+  state-update parameter, so g, E[g_hat_K] and their norms add the read-out's direct term to
+  that parameter's lag terms (the sum of both uses); it still cancels in the bias, and M still
+  covers dH/dtheta only.
 * The paper's examples with this indexing: a nilpotent linear RNN, h_t = W h_{t-1} + U x_t + b
   with W^k = 0 (W^{k-1} != 0), has d ell_s/dS_{s-j} = d ell_s/dS_s W^j, so E[phi_j] = 0 exactly
   for j >= k, the bias is exactly 0 iff K >= k-1 (it collects lags >= K+1), and (A-1) holds
@@ -152,7 +156,8 @@ def _float64(net):
 
 
 def _state_keys(net):
-    """Names of the parameters the state update uses (everything but the read-out)."""
+    """Names of the parameters the state update uses (everything but the read-out's own; a tied
+    read-out's weight is ``embedding.weight``, which the state update uses too)."""
     return [k for k in net.params if not k.startswith("decoder.")]
 
 
@@ -190,14 +195,19 @@ def _row_norms(b):
 class _Pass:
     """One forward pass: caches of steps 1..T stacked time-major (row t*B + b), the per-example
     loss gradients e_t = d ell_t^(b)/dS_t (tuple of (L, T*B, H)), and the read-out's direct term
-    sum_{t,b} d ell_t^(b)/dtheta (decoder only, never truncated)."""
+    sum_{t,b} d ell_t^(b)/dtheta (never truncated), split into its part on the read-out's own
+    parameters (``direct``, over ``rkeys``) and its part on parameters the state update uses
+    too (``direct_state``, over ``keys``: the tied read-out's use of ``embedding.weight``, zero
+    for an untied network).  So g (times T*B) is ``direct`` beside ``direct_state + gH``."""
     net: object
     T: int
     B: int
     cache: object
     e: tuple
-    direct: np.ndarray          # flat over the decoder parameters
+    direct: np.ndarray          # flat over rkeys
     keys: list                  # state-update parameter names, the flat order of G_j
+    rkeys: list                 # the read-out's own parameter names (decoder.*)
+    direct_state: np.ndarray    # flat over keys
 
 
 def _forward(net, x, y, state, loss):
@@ -207,8 +217,7 @@ def _forward(net, x, y, state, loss):
     loss_fn = LOSSES[loss]
     caches = []
     e = tuple(np.zeros((net.num_layers, T * B, net.hidden_size)) for _ in S)
-    dec = {"decoder.weight": np.zeros_like(net.params["decoder.weight"]),
-           "decoder.bias": np.zeros_like(net.params["decoder.bias"])}
+    dec = net.zero_grads()
     for t in range(T):
         S, cache = net.step(S, x[t])
         caches.append(cache)
@@ -221,8 +230,10 @@ def _forward(net, x, y, state, loss):
     if any(n != B for n in _leading(caches[0])):
         raise ValueError("net must have row-wise step caches (every cache array with the batch "
                          "as its first axis), as npbptt.RNN / LSTM do")
-    direct = np.concatenate([dec["decoder.weight"].ravel(), dec["decoder.bias"].ravel()])
-    return _Pass(net, T, B, _stack(caches), e, direct, _state_keys(net))
+    keys = _state_keys(net)
+    rkeys = [k for k in net.params if k not in keys]
+    return _Pass(net, T, B, _stack(caches), e, _flat(dec, rkeys, net), keys, rkeys,
+                 _flat(dec, keys, net))
 
 
 def _lag_sweep(p, max_lag):
@@ -255,6 +266,11 @@ def _adjoint(p):
         grads, carry = _vjp(net, _rows(p.cache, t * B, (t + 1) * B), a_t)
         gH += _flat(grads, p.keys, net)
     return a, gH
+
+
+def _g_norm(p, gH):
+    """||g|| times T*B: the read-out's own parameters beside the state-update ones."""
+    return math.hypot(np.linalg.norm(gH + p.direct_state), np.linalg.norm(p.direct))
 
 
 def _tail(p, a, K):
@@ -431,11 +447,9 @@ def full_gradient(net, x, y, state, loss="cross_entropy"):
 
 
 def _to_dict(p, gH):
-    out = _unflat(gH / (p.T * p.B), p.keys, p.net)
-    dec = p.direct / (p.T * p.B)
-    nW = p.net.params["decoder.weight"].size
-    out["decoder.weight"] = dec[:nW].reshape(p.net.params["decoder.weight"].shape)
-    out["decoder.bias"] = dec[nW:]
+    """g or E[g_hat_K] as a dict, from gH (the lag terms, times T*B) and the read-out's direct term."""
+    out = _unflat((gH + p.direct_state) / (p.T * p.B), p.keys, p.net)
+    out.update(_unflat(p.direct / (p.T * p.B), p.rkeys, p.net))
     return {k: out[k] for k in p.net.params}
 
 
@@ -462,7 +476,7 @@ def relative_bias(net, x, y, state, K, loss="cross_entropy"):
     K = _int(K, "K")
     p = _forward(net, x, y, state, loss)
     a, gH = _adjoint(p)
-    g_norm = math.hypot(np.linalg.norm(gH), np.linalg.norm(p.direct))
+    g_norm = _g_norm(p, gH)
     b = float(np.linalg.norm(_tail(p, a, K)))
     return b / g_norm if g_norm > 0 else math.nan
 
@@ -494,7 +508,7 @@ def relative_bias_bound(net, x, y, state, K, beta, tau, loss="cross_entropy", M=
 def _sweep_norms(p, max_lag):
     """E[phi_j] (T,) and ||E g_hat_j|| for j = 0..min(max_lag, T-1); beyond T-1 g_hat_j = g."""
     phi = np.zeros(p.T)
-    prefix = np.zeros(sum(p.net.params[k].size for k in p.keys))
+    prefix = p.direct_state.copy()          # the read-out's direct term on the state's parameters
     dec2 = float(p.direct @ p.direct)
     ghat = []
     for j, d, G in _lag_sweep(p, max_lag):
@@ -519,7 +533,7 @@ def kappa(net, x, y, state, delta, beta, tau, loss="cross_entropy", M=None, vari
     p = _forward(net, x, y, state, loss)
     phi, ghat = _sweep_norms(p, p.T - 1)
     _, gH = _adjoint(p)
-    g_norm = math.hypot(np.linalg.norm(gH), np.linalg.norm(p.direct)) / (p.T * p.B)
+    g_norm = _g_norm(p, gH) / (p.T * p.B)
     return _kappa(phi, M, beta, tau, ghat, g_norm, delta, variant)
 
 
@@ -579,7 +593,7 @@ def theory_curves(net, x, y, state, loss="cross_entropy", M=None, progress=False
         phi[j] = _row_norms(d).sum() / (T * B)
         G[j] = Gj
     dec2 = float(p.direct @ p.direct)
-    prefix = np.cumsum(G, axis=0)                            # sum_{j<=K} G_j
+    prefix = np.cumsum(G, axis=0) + p.direct_state          # sum_{j<=K} G_j (+ tied read-out)
     tails = np.zeros_like(G)
     tails[:-1] = np.cumsum(G[::-1], axis=0)[::-1][1:]        # sum_{j>K} G_j
     g_hat = np.sqrt(dec2 + (prefix * prefix).sum(axis=1)) / (T * B)
