@@ -7,8 +7,13 @@
     npbptt plot runs/copy                                           # Figure 1, C.1 and 3 as PNG
     npbptt crosscheck ...                                           # see npbptt.crosscheck
 
-Every error ends with one line on stderr and a non-zero exit status: 2 for bad flags or values,
-1 for a run that failed (diverged), never a traceback.
+Every error ends with one line on stderr and a non-zero exit status, never a traceback: 2 for bad
+flags or values and for a damaged run file (the line names the file), 1 for a run that failed
+(diverged), 130 for Ctrl-C (SIGINT), also while the command is still importing numpy/numba.
+Nothing is written before every check has passed, and a new run writes only into a directory
+that does not exist, is empty, or holds an npbptt run (a readable config.json): never into a
+directory of other files such as the current one.  ``--resume`` continues a run stopped at any
+moment: from its last checkpoint, or from epoch 0 when none was written yet.
 """
 import argparse
 import math
@@ -24,6 +29,10 @@ TASKS = ("copy",)
 
 class UsageError(Exception):
     """A bad flag or value: printed as one line, exit status 2."""
+
+
+class Interrupted(Exception):
+    """SIGINT (Ctrl-C) with what it left on disk: printed as one line, exit status 130."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -191,18 +200,20 @@ def _run_name(K, delta, seed):
 
 # --- train -------------------------------------------------------------------------------------
 def _cmd_train(a):
-    from .checkpoint import read_json
-    from .train import CHECKPOINT, CONFIG, Diverged, format_metrics, resume_run, train_copy
+    from .train import (CHECKPOINT, CONFIG, Diverged, check_run_dir, format_metrics, read_config,
+                        resume_run, train_copy)
     _check_K(a.K)
     _check_delta(a.delta)
     task_kw, train_kw, full = _settings(a)
+    if a.out is not None and not a.out.strip():
+        raise UsageError("--out must name a run directory, got an empty string")
     if a.resume:
         if a.out is None:
             raise UsageError("--resume needs --out DIR, the run to continue")
         out = Path(a.out)
-        if not (out / CHECKPOINT).is_file() or not (out / CONFIG).is_file():
-            raise UsageError(f"--resume: {out} holds no run ({CHECKPOINT} and {CONFIG} not found)")
-        stored = read_json(out / CONFIG)
+        if not (out / CONFIG).is_file():
+            raise UsageError(f"--resume: {out} holds no run ({CONFIG} not found)")
+        stored = read_config(out)
         given = {**task_kw, **{k: v for k, v in train_kw.items() if k != "epochs"}}
         if a.K is not None:
             given["K"] = a.K
@@ -224,6 +235,10 @@ def _cmd_train(a):
         if seed < 0:
             raise UsageError(f"--seed must be an integer >= 0, got {seed}")
         out = Path(a.out) if a.out is not None else Path("runs") / f"{a.task}-{_run_name(a.K, a.delta, seed)}"
+        try:
+            check_run_dir(out)
+        except ValueError as e:
+            raise UsageError(str(e).replace("out: ", "--out ", 1)) from None
         if (out / CHECKPOINT).exists():
             raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or "
                              "choose another --out")
@@ -237,6 +252,14 @@ def _cmd_train(a):
         return 1
     except ValueError as e:
         raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        if (out / CHECKPOINT).is_file():
+            raise Interrupted(f"interrupted; {out / CHECKPOINT} holds the last finished epoch: "
+                              f"--resume --out {out} continues the run") from None
+        if (out / CONFIG).is_file():
+            raise Interrupted(f"interrupted before the first epoch finished; --resume --out {out} "
+                              "starts the run again from epoch 0") from None
+        raise Interrupted("interrupted before the run started; nothing was written") from None
     print(format_metrics(res.metrics))
     print(f"\nrun directory: {out} (config.json, metrics.csv, checkpoint.npz, phi_best.npz)")
     return 0
@@ -277,7 +300,8 @@ def _cmd_sweep(a):
     import joblib
     from tqdm.auto import tqdm
     from .plots import collect_runs, format_table_c1, summarize_runs
-    from .checkpoint import atomic_write_text, read_json
+    from .checkpoint import atomic_write_text, load_checkpoint
+    from .train import CHECKPOINT, CONFIG, check_run_dir, load_metrics, read_config
     for K in a.K:
         _check_K(K)
     for d in a.delta:
@@ -295,12 +319,27 @@ def _cmd_sweep(a):
         _precheck(full, K, None)
     for d in a.delta:
         _precheck(full, None, d)
+    if not a.out.strip():
+        raise UsageError("--out must name a sweep directory, got an empty string")
     out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if (out.is_dir() and any(out.iterdir()) and not (out / "table_c1.md").is_file()
+            and not any((p / CONFIG).is_file() for p in out.iterdir() if p.is_dir())):
+        raise UsageError(f"--out {out} is neither empty nor an npbptt sweep (no table_c1.md, no "
+                         "run directories); choose a new or empty directory")
     jobs = [(out / _run_name(K, None, s), K, None, s) for K in a.K for s in range(a.seed0, a.seed0 + a.seeds)]
     jobs += [(out / _run_name(None, d, s), None, d, s) for d in a.delta for s in range(a.seed0, a.seed0 + a.seeds)]
-    for path, K, d, s in jobs:                   # a run on disk must be the run asked for
-        if (path / "config.json").is_file():
-            stored = read_json(path / "config.json")
+    for path, K, d, s in jobs:                   # a run on disk must be the run asked for, undamaged
+        try:
+            check_run_dir(path)
+        except ValueError as e:
+            raise UsageError(str(e).replace("out: ", "", 1)) from None
+        if (path / CONFIG).is_file():
+            stored = read_config(path)
+            load_metrics(path)
+            if (path / CHECKPOINT).is_file():
+                load_checkpoint(path / CHECKPOINT)
             have = {**stored["train"], **stored["info"]}
             for k, v in {**full, "K": K, "delta": d, "seed": s}.items():
                 if k not in ("epochs", "backend") and k in have and have[k] != v:
@@ -367,12 +406,12 @@ def _cmd_crosscheck(argv):
 def main(argv=None):
     """Entry point of the ``npbptt`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "crosscheck":
-        return _cmd_crosscheck(argv[1:])
-    parser = build_parser()
-    cmd = argv[0] if argv and argv[0] in ("train", "sweep", "plot") else None
+    cmd = argv[0] if argv and argv[0] in ("train", "sweep", "plot", "crosscheck") else None
     prog = f"npbptt {cmd}" if cmd else "npbptt"
     try:
+        if cmd == "crosscheck":
+            return _cmd_crosscheck(argv[1:])
+        parser = build_parser()
         try:
             a = parser.parse_args(argv)
         except SystemExit as e:             # --help
@@ -384,13 +423,22 @@ def main(argv=None):
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted (the last finished epoch's checkpoint is kept; --resume "
-              "continues)", file=sys.stderr)
+    except Interrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:               # also while numpy/numba are still being imported
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except (OSError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if _is_run_file_error(e) else 1
+
+
+def _is_run_file_error(e):
+    """True for npbptt.checkpoint.RunFileError (a damaged run file: exit status 2), without
+    importing numpy to find out (if npbptt.checkpoint was never imported, it is not one)."""
+    cls = getattr(sys.modules.get("npbptt.checkpoint"), "RunFileError", None)
+    return cls is not None and isinstance(e, cls)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, read_csv, read_json
+from .checkpoint import RunFileError, load_checkpoint
 
 __all__ = ["Run", "collect_runs", "group_runs", "summarize_runs", "format_table_c1",
            "figure1", "figure_c1", "figure3", "plot_all"]
@@ -25,10 +25,12 @@ __all__ = ["Run", "collect_runs", "group_runs", "summarize_runs", "format_table_
 
 @dataclass
 class Run:
-    """One run directory: ``config`` (config.json), ``metrics`` (rows of metrics.csv)."""
+    """One run directory: ``config`` (config.json), ``metrics`` (rows of metrics.csv),
+    ``phi_best`` (the (W + 1, B) array of phi_best.npz, None when absent)."""
     path: Path
     config: dict
     metrics: list = field(default_factory=list)
+    phi_best: np.ndarray | None = None
 
     @property
     def train(self):
@@ -65,12 +67,21 @@ def _is_run(d):
 
 
 def collect_runs(dirs):
-    """The runs in ``dirs``: each a run directory, or a sweep directory with runs one level down."""
+    """The runs in ``dirs``: each a run directory, or a sweep directory with runs one level down.
+    Every file is read and checked here, before anything is drawn: a damaged config.json,
+    metrics.csv or phi_best.npz raises :class:`npbptt.checkpoint.RunFileError` naming it."""
+    from .train import PHI_BEST, load_metrics, read_config
     runs = []
     for d in map(Path, dirs):
         cands = [d] if _is_run(d) else sorted(p for p in d.iterdir() if p.is_dir() and _is_run(p))
         for p in cands:
-            runs.append(Run(p, read_json(p / "config.json"), read_csv(p / "metrics.csv")))
+            run = Run(p, read_config(p), load_metrics(p))
+            if (p / PHI_BEST).is_file():
+                phi = load_checkpoint(p / PHI_BEST)[0].get("phi")
+                if phi is None or phi.ndim != 2 or not np.issubdtype(phi.dtype, np.floating):
+                    raise RunFileError(f"{p / PHI_BEST}: not a phi_best file (no 2-d float array 'phi')")
+                run.phi_best = phi
+            runs.append(run)
     return runs
 
 
@@ -255,14 +266,14 @@ def figure3(runs, path):
     plt = _plt()
     panels = []
     for task, groups in group_runs(runs).items():
-        cands = [r for rs in groups.values() for r in rs if r.metrics and (r.path / "phi_best.npz").is_file()]
+        cands = [r for rs in groups.values() for r in rs if r.metrics and r.phi_best is not None]
         if cands:
             panels.append((task, min(cands, key=lambda r: r.best()["valid_ppl"])))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (task, run) in zip(axes[0], panels):
-        phi = load_checkpoint(run.path / "phi_best.npz")[0]["phi"]
+        phi = run.phi_best
         k = np.arange(phi.shape[0])
         draws = np.where(phi > 0, phi, np.nan)
         ax.plot(k, draws, color="gray", alpha=0.15, linewidth=0.7)

@@ -46,17 +46,18 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from . import bounds
-from .backends import BACKENDS
+from .backends import BACKENDS, resolve
 from .bptt import step_losses, stream
-from .checkpoint import (load_checkpoint, read_csv, read_json, rng_from_state, rng_state,
-                         save_checkpoint, write_csv, write_json)
+from .checkpoint import (RunFileError, load_checkpoint, read_csv, read_json, rng_from_state,
+                         rng_state, save_checkpoint, write_csv, write_json)
 from .losses import LOSSES
 from .probe import grad_norms
 from .validate import check_inputs, is_int
 
 __all__ = ["TrainConfig", "TrainResult", "Diverged", "METRIC_COLUMNS", "train", "train_copy",
            "probe_phi", "sgd_step", "resume_run", "load_metrics", "format_metrics",
-           "CHECKPOINT", "METRICS", "CONFIG", "PHI_BEST"]
+           "read_config", "check_run_dir", "RunFileError", "CHECKPOINT", "METRICS", "CONFIG",
+           "PHI_BEST"]
 
 CHECKPOINT, METRICS, CONFIG, PHI_BEST = "checkpoint.npz", "metrics.csv", "config.json", "phi_best.npz"
 
@@ -269,6 +270,126 @@ def _model_info(net):
     return {"kind": net.kind, **net.config()}
 
 
+# --- run files: what is read back is checked, what is overwritten is an npbptt run ---------------
+_CONFIG_KEYS = ("train", "model", "info", "data_sha256")
+_META_KEYS = ("config", "model", "data_sha256", "epoch", "K", "data_passes", "best", "metrics",
+              "rng_train", "rng_diag")
+# info of a copy-task run (train_copy): keyword -> allowed types (None: may be null)
+_COPY_INFO = {"task": (str,), "name": (str,), "seed": (int,), "m": (int,), "m_min": (int, None),
+              "n_symbols": (int,), "T_train": (int,), "T_eval": (int,), "batch": (int,),
+              "embed": (int,), "hidden": (int,), "layers": (int,), "data_seed": (int,)}
+
+
+def _kind(v):
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(v), "number")
+
+
+def read_config(out):
+    """The ``config.json`` of the run directory ``out``, checked: a JSON object whose "train" is a
+    valid :class:`TrainConfig` and whose "info" (of a copy-task run) holds only the keywords of
+    :func:`train_copy`.  Raises :class:`RunFileError` naming the file, FileNotFoundError."""
+    path = Path(out) / CONFIG
+    doc = read_json(path)
+    if not isinstance(doc, dict):
+        raise RunFileError(f"{path}: not an npbptt run configuration (a JSON {_kind(doc)}, "
+                           "not an object)")
+    unknown = sorted(set(doc) - set(_CONFIG_KEYS))
+    if unknown:
+        raise RunFileError(f"{path}: unknown key {unknown[0]!r} (an npbptt config.json holds "
+                           f"{', '.join(_CONFIG_KEYS)})")
+    for key in ("train", "info"):
+        if not isinstance(doc.get(key), dict):
+            raise RunFileError(f"{path}: {key!r} must be a JSON object, got "
+                               f"{'nothing' if key not in doc else 'a JSON ' + _kind(doc[key])}")
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(doc["train"]) - names)
+    if unknown:
+        raise RunFileError(f"{path}: unknown training setting 'train.{unknown[0]}'")
+    missing = [n for n in names if n not in doc["train"]]
+    if missing:
+        raise RunFileError(f"{path}: training setting 'train.{sorted(missing)[0]}' missing")
+    try:
+        TrainConfig(**doc["train"])
+    except ValueError as e:
+        raise RunFileError(f"{path}: train.{e}") from None
+    if doc["info"].get("task") == "copy":
+        for k, v in doc["info"].items():
+            if k not in _COPY_INFO:
+                raise RunFileError(f"{path}: unknown copy-task setting 'info.{k}'")
+            ok = _COPY_INFO[k]
+            if not ((v is None and None in ok) or (int in ok and is_int(v)) or
+                    (str in ok and isinstance(v, str))):
+                raise RunFileError(f"{path}: 'info.{k}' has the wrong type ({v!r})")
+    if "model" in doc and not isinstance(doc["model"], dict):
+        raise RunFileError(f"{path}: 'model' must be a JSON object, got a JSON {_kind(doc['model'])}")
+    return doc
+
+
+def check_run_dir(out):
+    """Refuse (ValueError) a run directory that a new run must not write into: ``out`` must not
+    exist, be an empty directory, or be an npbptt run (a readable ``config.json``,
+    :func:`read_config`).  Anything else -- a file, a directory of other files such as the
+    current directory -- could lose the user's files."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"out: {out} exists and is not a directory")
+    if not any(out.iterdir()):
+        return
+    if not (out / CONFIG).is_file():
+        raise ValueError(f"out: {out} is neither empty nor an npbptt run (no {CONFIG}); choose a "
+                         "new or empty directory")
+    read_config(out)
+
+
+def _same_run(where, stored, model, data_sha256, net, cfg, digest):
+    """ValueError unless the stored settings (at ``where``) are those of ``cfg``, ``net``, the data."""
+    for f in fields(TrainConfig):
+        if f.name not in _RESUMABLE and stored.get(f.name) != getattr(cfg, f.name):
+            raise ValueError(f"config: {f.name}={getattr(cfg, f.name)!r} differs from the run's "
+                             f"{stored.get(f.name)!r}; a resumed run may change only {_RESUMABLE}")
+    if model != _model_info(net):
+        raise ValueError(f"net: the architecture {_model_info(net)} differs from the run's {model}")
+    if data_sha256 != digest:
+        raise ValueError("data: differs from the data the run was trained on (sha256 mismatch)")
+
+
+def _restore(path, net, cfg, digest):
+    """Check the checkpoint ``path`` against the run and load it into ``net.params``: returns
+    (best_params, rng_train, rng_diag, metrics, K, passes, epoch, best)."""
+    arrays, meta = load_checkpoint(path)
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing or not isinstance(meta["config"], dict):
+        raise RunFileError(f"{path}: not an npbptt training checkpoint (no {missing[0] if missing else 'config'!r})")
+    _same_run(path, meta["config"], meta["model"], meta["data_sha256"], net, cfg, digest)
+    for k, v in net.params.items():
+        for kind in ("param", "best"):
+            a = arrays.get(f"{kind}/{k}")
+            if a is None or a.shape != v.shape:
+                raise RunFileError(f"{path}: parameter {kind}/{k} "
+                                   + ("missing" if a is None else f"has shape {a.shape}, the network {v.shape}"))
+    epoch = meta["epoch"]
+    if not is_int(epoch) or epoch < 0 or not isinstance(meta["metrics"], list) or len(meta["metrics"]) != epoch:
+        raise RunFileError(f"{path}: inconsistent checkpoint (epoch {epoch!r}, "
+                           f"{len(meta['metrics']) if isinstance(meta['metrics'], list) else '?'} metrics rows)")
+    if cfg.epochs < epoch:
+        raise ValueError(f"epochs: the run in {path.parent} has finished {epoch} epochs; a resumed "
+                         f"run needs epochs >= {epoch}, got {cfg.epochs}")
+    try:
+        rngs = rng_from_state(meta["rng_train"]), rng_from_state(meta["rng_diag"])
+        best = dict(meta["best"])
+        best["valid_ppl"], best["epoch"]                      # noqa: B018 -- present
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RunFileError(f"{path}: damaged checkpoint (random-generator state or best epoch: "
+                           f"{type(e).__name__}: {e})") from None
+    for k in net.params:
+        net.params[k][...] = arrays[f"param/{k}"]
+    best_params = {k: arrays[f"best/{k}"] for k in net.params}
+    return (best_params, *rngs, meta["metrics"], meta["K"], meta["data_passes"], epoch, best)
+
+
 # --- the loop ----------------------------------------------------------------------------------
 def train(net, data, config, out=None, resume=False, progress=True, info=None, label=None,
           blas_threads=1):
@@ -327,33 +448,31 @@ def _train(net, data, config, out, resume, progress, info, label):
         raise ValueError(f"probes_per_epoch: expected at most T = {T}, got {cfg.probes_per_epoch}")
     out = None if out is None else Path(out)
     digest = _digest(data)
+    for op in ("bptt", "step_losses", "grad_norms"):     # an unavailable backend: before any write
+        resolve(op, cfg.backend)
 
     # --- fresh start or resume -------------------------------------------------------------------
+    # Nothing is written before every check has passed.  A resumed run without a checkpoint (stopped
+    # before its first epoch ended) starts again from epoch 0 with the settings of its config.json.
+    restored = None
     if resume:
-        if out is None or not (out / CHECKPOINT).is_file():
+        if out is None or not ((out / CHECKPOINT).is_file() or (out / CONFIG).is_file()):
             raise ValueError(f"out: no checkpoint to resume in {out} ({CHECKPOINT} not found)")
-        arrays, meta = load_checkpoint(out / CHECKPOINT)
-        stored = meta["config"]
-        for f in fields(TrainConfig):
-            if f.name not in _RESUMABLE and stored.get(f.name) != getattr(cfg, f.name):
-                raise ValueError(f"config: {f.name}={getattr(cfg, f.name)!r} differs from the run's "
-                                 f"{stored.get(f.name)!r}; a resumed run may change only {_RESUMABLE}")
-        if meta["model"] != _model_info(net):
-            raise ValueError(f"net: the architecture {_model_info(net)} differs from the run's "
-                             f"{meta['model']}")
-        if meta["data_sha256"] != digest:
-            raise ValueError("data: differs from the data the run was trained on (sha256 mismatch)")
-        for k in net.params:
-            net.params[k][...] = arrays[f"param/{k}"]
-        best_params = {k: arrays[f"best/{k}"] for k in net.params}
-        rng_train, rng_diag = rng_from_state(meta["rng_train"]), rng_from_state(meta["rng_diag"])
-        metrics, K = meta["metrics"], meta["K"]
-        passes, first_epoch = meta["data_passes"], meta["epoch"]
-        best = dict(meta["best"])
+        if (out / CHECKPOINT).is_file():
+            restored = _restore(out / CHECKPOINT, net, cfg, digest)
+        else:
+            doc = read_config(out)
+            _same_run(out / CONFIG, doc["train"], doc.get("model"), doc.get("data_sha256"),
+                      net, cfg, digest)
     else:
+        if out is not None:
+            check_run_dir(out)
         if out is not None and (out / CHECKPOINT).exists():
             raise ValueError(f"out: {out} already holds a run ({CHECKPOINT}); resume it or choose "
                              "another directory")
+    if restored is not None:
+        best_params, rng_train, rng_diag, metrics, K, passes, first_epoch, best = restored
+    else:
         seeds = np.random.SeedSequence(cfg.seed).spawn(2)     # probes of Algorithm 1 | diagnostics
         rng_train, rng_diag = np.random.default_rng(seeds[0]), np.random.default_rng(seeds[1])
         best_params = {k: v.copy() for k, v in net.params.items()}
@@ -516,11 +635,12 @@ _INFO_ONLY = ("task", "name", "seed")
 
 def resume_run(out, epochs=None, backend=None, progress=True, label=None):
     """Continue the run in ``out`` from its checkpoint (``config.json`` rebuilds the task),
-    optionally with more ``epochs`` or another ``backend``.  Returns :class:`TrainResult`."""
+    optionally with more ``epochs`` or another ``backend``; a run stopped before its first
+    checkpoint starts again from epoch 0 with its settings.  Returns :class:`TrainResult`."""
     out = Path(out)
-    if not (out / CONFIG).is_file() or not (out / CHECKPOINT).is_file():
-        raise ValueError(f"out: {out} holds no run to resume ({CONFIG} and {CHECKPOINT} needed)")
-    cfg = read_json(out / CONFIG)
+    if not (out / CONFIG).is_file():
+        raise ValueError(f"out: {out} holds no run to resume ({CONFIG} not found)")
+    cfg = read_config(out)
     info, tc = dict(cfg["info"]), dict(cfg["train"])
     task = info.get("task")
     if task not in _TASKS:
@@ -535,9 +655,20 @@ def resume_run(out, epochs=None, backend=None, progress=True, label=None):
 
 
 def load_metrics(out):
-    """The rows of ``out/metrics.csv`` (numbers parsed), [] when absent."""
+    """The rows of ``out/metrics.csv`` (numbers parsed), [] when absent.  Raises
+    :class:`RunFileError` naming the file when it is not a complete metrics file of
+    :data:`METRIC_COLUMNS` with epochs 1, 2, ... and numeric perplexities."""
     path = Path(out) / METRICS
-    return read_csv(path) if path.is_file() else []
+    if not path.is_file():
+        return []
+    rows = read_csv(path, METRIC_COLUMNS)
+    for i, r in enumerate(rows, start=1):
+        if r["epoch"] != i:
+            raise RunFileError(f"{path}: line {i + 1}: epoch {r['epoch']!r}, expected {i}")
+        for c in ("data_passes", "K", "valid_ppl", "test_ppl"):
+            if not _is_real(r[c]):
+                raise RunFileError(f"{path}: line {i + 1}: {c} is {r[c]!r}, not a number")
+    return rows
 
 
 def _fmt(v, nd=4):
