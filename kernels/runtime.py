@@ -22,8 +22,8 @@ checks:
 3. **Concurrent callers are independent.**  Each calling thread has its own workspaces (one per
    chunk index, :func:`caller_workspaces`); the worker threads are shared, fed through one queue.
 4. **fork() is safe.**  A forked child has none of the parent's worker threads: the runtime starts
-   afresh in it (no queue, no workers, a new lock, the BLAS counts the parent had before any open
-   call).  Child processes started by spawn or forkserver import it afresh anyway.
+   afresh in it (no queue, no workers, a new lock; a child forked during a call keeps BLAS at one
+   thread).  Child processes started by spawn or forkserver import it afresh anyway.
 5. **Nothing runs when idle.**  A worker that finds no task spins for ~4 ms (without the GIL) and
    then blocks on the queue: no thread uses CPU time between calls.
 6. **Errors reach the caller.**  An exception in any task (``KeyboardInterrupt`` included) is
@@ -296,19 +296,15 @@ def parallel(fn, chunks):
 # --- fork -----------------------------------------------------------------------------------------
 def _after_fork_in_child():
     """Contract 4: a forked child has none of the parent's worker threads (a queued task would
-    never run) and may hold a lock some parent thread held: start afresh, with the BLAS counts the
-    parent had before its open calls limited them."""
+    never run) and may hold a lock some parent thread held: start afresh.  A child forked while
+    a call of the parent was open keeps its BLAS at one thread (what the open call had set):
+    raising it again would make the BLAS start its thread pool, under locks a parent thread may
+    have held at the fork."""
     global _tasks, _n_workers, _lock, _depth, _saved, _holds
     _tasks, _n_workers = None, 0
     _posted[:] = 0
     _lock = threading.Lock()
-    saved, _depth, _saved, _holds = _saved, 0, [], True
-    for b, n in saved:
-        if n != 1:
-            try:
-                b.set(n)
-            except Exception:        # noqa: BLE001 (a child keeps one BLAS thread rather than dying)
-                pass
+    _depth, _saved, _holds = 0, [], True
     _workspaces.clear()
 
 
