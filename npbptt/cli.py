@@ -214,6 +214,12 @@ def _cmd_train(a):
         if not (out / CONFIG).is_file():
             raise UsageError(f"--resume: {out} holds no run ({CONFIG} not found)")
         stored = read_config(out)
+        if train_kw.get("epochs") is not None and (out / CHECKPOINT).is_file():
+            from .checkpoint import load_checkpoint
+            done = load_checkpoint(out / CHECKPOINT)[1].get("epoch")
+            if isinstance(done, int) and train_kw["epochs"] < done:
+                raise UsageError(f"--epochs {train_kw['epochs']}: the run in {out} has finished {done} "
+                                 f"epochs; a resumed run needs --epochs >= {done}")
         given = {**task_kw, **{k: v for k, v in train_kw.items() if k != "epochs"}}
         if a.K is not None:
             given["K"] = a.K

@@ -341,7 +341,11 @@ def check_run_dir(out):
     if not (out / CONFIG).is_file():
         raise ValueError(f"out: {out} is neither empty nor an npbptt run (no {CONFIG}); choose a "
                          "new or empty directory")
-    read_config(out)
+    try:
+        read_config(out)
+    except RunFileError as e:
+        raise ValueError(f"out: {out} is neither empty nor an npbptt run ({e}); choose a new or "
+                         "empty directory") from None
 
 
 def _same_run(where, stored, model, data_sha256, net, cfg, digest):

@@ -208,15 +208,21 @@ def test_out_cwd_with_other_files_is_refused(capsys, tmp_path, monkeypatch, wher
     code, err = run(capsys, *argv, "--out", where)
     line = one_line(err)
     assert code == 2
-    assert ("empty string" in line) if where == "" else ("config.json" in line or "neither empty" in line)
+    assert ("empty string" in line) if where == "" else ("neither empty nor an npbptt" in line)
+    if where == "." and command == "train":
+        assert "config.json" in line
     assert snapshot(tmp_path) == before
 
 
-def test_empty_directory_and_npbptt_run_are_accepted(capsys, tmp_path):
+def test_empty_directory_and_npbptt_run_are_accepted(capsys, base, tmp_path):
     (tmp_path / "empty").mkdir()
-    code, err = run(capsys, "train", "copy", "--K", "3", "--epochs", "1", *TINY, "--out", tmp_path / "empty")
-    assert code == 0, err
-    assert [r["epoch"] for r in read_csv(tmp_path / "empty" / "metrics.csv")] == [1]
+    started = copy_of(base, "run", tmp_path)           # a run stopped before its first checkpoint
+    for name in ("checkpoint.npz", "metrics.csv", "phi_best.npz"):
+        (started / name).unlink()
+    for out in (tmp_path / "empty", started, tmp_path / "new" / "deeper"):
+        code, err = run(capsys, "train", "copy", "--K", "3", "--epochs", "1", *TINY, "--out", out)
+        assert code == 0, err
+        assert [r["epoch"] for r in read_csv(out / "metrics.csv")] == [1]
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU may be present")
@@ -233,7 +239,16 @@ def test_resume_with_fewer_epochs_than_done_is_refused(capsys, base, tmp_path):
     before = snapshot(tmp_path)
     code, err = run(capsys, "train", "copy", "--K", "3", "--epochs", "1", *TINY, "--out", out, "--resume")
     line = one_line(err)
-    assert code == 2 and "finished 2 epochs" in line and "epochs >= 2, got 1" in line
+    assert code == 2 and "--epochs 1: the run in" in line and "finished 2 epochs" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_library_resume_with_fewer_epochs_is_refused(base, tmp_path):
+    from npbptt.train import resume_run
+    out = copy_of(base, "run", tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="has finished 2 epochs; a resumed run needs epochs >= 2, got 1"):
+        resume_run(out, epochs=1, progress=False)
     assert snapshot(tmp_path) == before
 
 
