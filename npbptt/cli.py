@@ -386,6 +386,8 @@ def _cmd_sweep(a):
 # --- plot --------------------------------------------------------------------------------------
 def _cmd_plot(a):
     from .plots import collect_runs, plot_all
+    if a.out is not None and not a.out.strip():
+        raise UsageError("--out must name a directory for the PNGs, got an empty string")
     for d in a.dirs:
         if not Path(d).is_dir():
             raise UsageError(f"run directory {d} not found")

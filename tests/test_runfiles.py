@@ -214,6 +214,13 @@ def test_out_cwd_with_other_files_is_refused(capsys, tmp_path, monkeypatch, wher
     assert snapshot(tmp_path) == before
 
 
+def test_plot_out_empty_string_is_refused(capsys, base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, "plot", base / "run", "--out", "")
+    assert code == 2 and "empty string" in one_line(err)
+    assert snapshot(tmp_path) == {}
+
+
 def test_empty_directory_and_npbptt_run_are_accepted(capsys, base, tmp_path):
     (tmp_path / "empty").mkdir()
     started = copy_of(base, "run", tmp_path)           # a run stopped before its first checkpoint
