@@ -348,3 +348,19 @@ def test_kill_9_at_a_random_moment_then_resume_equals_uninterrupted_run(capsys, 
     code, err = run(capsys, *SLOW, "--out", out, "--resume")
     assert code == 0, err
     _same_run(out, reference)
+
+
+def test_resume_under_another_thread_count_equals_an_uninterrupted_run(tmp_path):
+    """The Numba backend on a batch of 64 (two chunks): one epoch on 1 thread, resumed on 2
+    threads, equals bit for bit a run of all three epochs on 3 threads (issue 22, item 6)."""
+    argv = [a if a != "numpy" else "numba" for a in SLOW]
+    argv[argv.index("--batch") + 1] = "64"
+    three = list(argv)
+    argv[argv.index("--epochs") + 1] = "1"
+    a, b = tmp_path / "a", tmp_path / "b"
+    for args, threads in ((argv + ["--out", a], 1), (three + ["--out", a, "--resume"], 2),
+                          (three + ["--out", b], 3)):
+        done = subprocess.run([sys.executable, "-m", "npbptt", *map(str, args)], capture_output=True,
+                              text=True, timeout=300, env=env(NUMBA_NUM_THREADS=str(threads)))
+        assert done.returncode == 0, done.stderr
+    _same_run(a, b)
