@@ -7,10 +7,10 @@ exactly the signatures and return values of the NumPy references they must equal
     step_losses(net, x, y, S, loss)   -> (L (T,), S_T)        npbptt.bptt.step_losses_reference
     grad_norms(net, x, y, S, loss)    -> phi (T, B)           npbptt.probe.grad_norms_reference
 
-Inputs are the validated ones (``npbptt.validate.check_inputs``; ``S`` the internal state tuple).
-A network this module does not know how to run -- anything but an ``npbptt.RNN`` / ``npbptt.LSTM``
-whose step, read-out and embedding are the stock ones (see :func:`supports`) -- is handed to the
-reference itself, so a subclass that changes the recurrence is never silently run as the stock one.
+Inputs are the validated ones (``npbptt.validate.check_inputs``; ``S`` the internal state tuple)
+and the network one that :func:`npbptt.kernels.shared.supports` accepts: ``npbptt.backends.resolve``
+hands every other network (a subclass that changes the recurrence, a tied read-out) to the
+reference, so none is ever silently run as the stock one.
 
 How the work is laid out (the algorithm is the reference's; only the order of independent
 operations changes, so results agree to round-off; the measurements behind each choice are in
@@ -49,6 +49,7 @@ import numba
 import numpy as np
 
 from . import _cpu_jit as jit
+from .shared import BLOCK_ELEMENTS as _BLOCK_ELEMENTS, carve as _carve, supports
 from .runtime import NO_FLAGS as _NO_FLAGS, SPINS as _SPINS, blas_single_thread, release_workspace
 from .runtime import caller_workspaces as _caller_workspaces, parallel as _parallel
 from .runtime import run_tasks as _run_tasks, ws as _ws
@@ -56,8 +57,6 @@ from .runtime import run_tasks as _run_tasks, ws as _ws
 __all__ = ["bptt", "step_losses", "grad_norms", "supports", "blas_single_thread", "release_workspace",
            "warmup"]
 
-# Largest number of elements in one read-out block / one cached forward block (memory bound).
-_BLOCK_ELEMENTS = 1 << 22
 # The batch is split into chunks of about _CHUNK_ROWS rows, of at least _MIN_ROWS_PER_CHUNK, at
 # most _MAX_CHUNKS of them (see _chunks): 16 rows keep the float32 small path (_SMALL_MIN_ROWS32).
 _CHUNK_ROWS = 32
@@ -69,33 +68,6 @@ _MAX_CHUNKS = 16
 _FUSE_BYTES = 1 << 18
 # float32 chunks narrower than this run layer by layer even when the network is small (_small_path).
 _SMALL_MIN_ROWS32 = 16
-
-
-# --- which networks this module runs --------------------------------------------------------------
-def supports(net):
-    """True when ``net`` is an npbptt RNN/LSTM whose recurrence, read-out and embedding are the
-    stock ones (a subclass overriding any of them is run by the NumPy reference instead)."""
-    from npbptt.model import LSTM, RNN, _Network
-    if not isinstance(net, (RNN, LSTM)):
-        return False
-    cls = type(net)
-    for name in ("step", "step_vjp", "embed", "readout", "readout_vjp", "layer", "to_internal",
-                 "to_public"):
-        if getattr(cls, name, None) is not getattr(_Network, name):
-            return False
-    if getattr(net, "tie_weights", False) or getattr(net, "dropout", 0):
-        return False                 # tied read-out / dropout: the reference (issue 18)
-    expected = (LSTM.kind, LSTM.gates) if isinstance(net, LSTM) else (RNN.kind, RNN.gates)
-    return ((cls.kind, cls.gates) == expected and net.activation in jit.ACT
-            and np.dtype(net.dtype) in (np.float32, np.float64))
-
-
-def _reference(op):
-    import importlib
-
-    from npbptt.backends import _REFERENCE
-    module, name = _REFERENCE[op]
-    return getattr(importlib.import_module(module), name)
 
 
 def _chunks(net, B):
@@ -637,23 +609,10 @@ def _small_call(net, x, y, S, chunks, K2, loss, scale, probe, n_tokens):
     return call, gout, S_out
 
 
-def _carve(flat, shapes):
-    """Consecutive views of the 1-D array ``flat`` with the given shapes (a NumPy array, or a
-    numba.cuda device array: npbptt.kernels.gpu)."""
-    views, at = [], 0
-    for shape in shapes:
-        n = math.prod(shape)
-        views.append(flat[at:at + n].reshape(shape))
-        at += n
-    return views
-
-
 # --- the three operations -----------------------------------------------------------------------
 def bptt(net, x, y, S, K1, K2, loss):
     """BPTT(K1, K2) on one chunk by recursion (16); must equal ``npbptt.bptt.bptt_reference``
     (same arguments, same (loss, grads, S_T))."""
-    if not supports(net):
-        return _reference("bptt")(net, x, y, S, K1, K2, loss)
     T, B = x.shape[:2]
     K1 = min(K1, T - 1)
     t0 = T - 1 - K1                                      # the state entering step t0 is constant
@@ -694,8 +653,6 @@ def bptt(net, x, y, S, K1, K2, loss):
 def step_losses(net, x, y, S, loss):
     """Forward pass only: the batch-mean loss of every step (T,) and the final state; must equal
     ``npbptt.bptt.step_losses_reference``."""
-    if not supports(net):
-        return _reference("step_losses")(net, x, y, S, loss)
     T, B = x.shape[:2]
     H, O = net.hidden_size, net.output_size
     W = net.params["decoder.weight"]
@@ -724,8 +681,6 @@ def step_losses(net, x, y, S, loss):
 def grad_norms(net, x, y, S, loss):
     """phi (T, B), phi[k, b] = ||d ell_T^(b) / d S_{T-k}|| (Eq. 18) by BPTT(T-1, 1); must equal
     ``npbptt.probe.grad_norms_reference``."""
-    if not supports(net):
-        return _reference("grad_norms")(net, x, y, S, loss)
     T, B = x.shape[:2]
     H = net.hidden_size
     chunks = _chunks(net, B)

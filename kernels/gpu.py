@@ -11,7 +11,8 @@ plus :func:`is_available`.  The parameters are copied to the device in one piece
 and the gradients back in one piece (the API takes and returns host arrays: with W2's 12 M
 parameters, copies and host-side work are ~30 ms of its 82 ms step on an H100, which is more
 than torch's whole step).  Networks
-:func:`npbptt.kernels.cpu.supports` rejects are handed to the NumPy reference.
+:func:`npbptt.kernels.shared.supports` rejects are handed to the NumPy reference by
+``npbptt.backends.resolve``.
 
 Layout: a layer at a time; input projections, read-out and weight gradients as GEMMs
 (register-tiled; a sum over steps on few tiles of C split into runs of whole steps, added in
@@ -26,7 +27,7 @@ forced; validation/gpu_check.sh).  Timings: validation/bench_gpu.py, validation/
 """
 import numpy as np
 
-from .cpu import _BLOCK_ELEMENTS, _carve, _reference, supports
+from .shared import BLOCK_ELEMENTS as _BLOCK_ELEMENTS, carve as _carve, supports  # noqa: F401
 
 __all__ = ["bptt", "step_losses", "grad_norms", "is_available"]
 
@@ -279,8 +280,6 @@ def _backward(dn, x, layers, dH, t_stop, sq, gv=None):
 
 def bptt(net, x, y, S, K1, K2, loss):
     """BPTT(K1, K2) on the GPU; must equal ``npbptt.bptt.bptt_reference``."""
-    if not supports(net):
-        return _reference("bptt")(net, x, y, S, K1, K2, loss)
     dn = _Net(net)
     T, B = x.shape[:2]
     K1 = min(K1, T - 1)
@@ -310,8 +309,6 @@ def bptt(net, x, y, S, K1, K2, loss):
 
 def step_losses(net, x, y, S, loss):
     """Forward losses on the GPU; must equal ``npbptt.bptt.step_losses_reference``."""
-    if not supports(net):
-        return _reference("step_losses")(net, x, y, S, loss)
     dn = _Net(net)
     T, B = x.shape[:2]
     Tb = max(1, _BLOCK_ELEMENTS // (B * max(dn.O, dn.GH)))
@@ -331,8 +328,6 @@ def step_losses(net, x, y, S, loss):
 
 def grad_norms(net, x, y, S, loss):
     """phi (T, B) of Eq. (18) on the GPU; must equal ``npbptt.probe.grad_norms_reference``."""
-    if not supports(net):
-        return _reference("grad_norms")(net, x, y, S, loss)
     dn = _Net(net)
     T, B = x.shape[:2]
     H = dn.H

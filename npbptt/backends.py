@@ -45,13 +45,15 @@ def available():
 
 def default_backend():
     """The fastest backend that is available and correct for every input: "numba" when the CPU
-    kernels import (they hand networks they do not support to the reference), else "numpy".
+    kernels import (networks they do not support run the reference: :func:`resolve`), else "numpy".
     The CUDA kernels are never chosen implicitly: ask for ``backend="cuda"``."""
     return "numba" if _kernel_module("numba") is not None else "numpy"
 
 
 def resolve(op, backend=None, net=None):
-    """The function implementing ``op`` on ``backend`` (see the module docstring)."""
+    """The function implementing ``op`` on ``backend`` (see the module docstring) for ``net``: the
+    reference when the backend's kernels do not support ``net`` (``npbptt.kernels.shared.supports``;
+    ``net=None``: the kernel itself)."""
     if op not in _REFERENCE:
         raise ValueError(f"unknown operation {op!r}")
     if backend is None:
@@ -67,4 +69,9 @@ def resolve(op, backend=None, net=None):
                          f"(available: {available()})")
     if backend == "cuda" and not mod.is_available():
         raise ValueError("backend 'cuda' needs an NVIDIA GPU (or NUMBA_ENABLE_CUDASIM=1); none found")
+    if net is not None and not mod.supports(net):
+        # the one place that decides: a network the kernels do not compute (its own step, a
+        # tied read-out, dropout) runs the reference, never silently the stock recurrence
+        module, name = _REFERENCE[op]
+        return getattr(importlib.import_module(module), name)
     return getattr(mod, op)

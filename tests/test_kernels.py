@@ -382,13 +382,16 @@ def test_networks_with_their_own_step_run_the_reference():
     net = _ShiftedRNN(3, 4, 2, 5, vocab_size=7, seed=1)
     net.params = prob.net.params
     assert not cpu.supports(net) and cpu.supports(prob.net)
+    assert backends.resolve("bptt", "numba", net) is bptt_reference      # decided in one place
+    assert backends.resolve("bptt", "numba", prob.net) is cpu.bptt
     x, y, S = check_inputs(net, prob.x, prob.y, prob.state, prob.loss)
     ref = bptt_reference(net, x, y, S, 4, 2, prob.loss)
     got = npbptt.bptt(net, prob.x, prob.y, prob.state, 4, 2, prob.loss, backend="numba")
     plain = cpu.bptt(prob.net, x, y, S, 4, 2, prob.loss)
     assert got.loss == ref[0] != plain[0]
     np.testing.assert_array_equal(got.state, ref[2][0])
-    np.testing.assert_array_equal(cpu.grad_norms(net, x, y, S, prob.loss),
+    np.testing.assert_array_equal(npbptt.grad_norms(net, prob.x, prob.y, prob.state, prob.loss,
+                                                    backend="numba"),
                                   grad_norms_reference(net, x, y, S, prob.loss))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from npbptt import backends
 from npbptt.bptt import bptt_reference, step_losses_reference
 from npbptt.kernels import gpu
 from npbptt.probe import grad_norms_reference
@@ -195,7 +196,8 @@ def test_cuda_networks_with_their_own_step_run_the_reference():
     net.params = prob.net.params
     x, y, S = check_inputs(net, prob.x, prob.y, prob.state, prob.loss)
     ref = bptt_reference(net, x, y, S, 2, 2, prob.loss)
-    got = gpu.bptt(net, x, y, S, 2, 2, prob.loss)
+    assert not gpu.supports(net) and backends.resolve("bptt", "cuda", net) is bptt_reference
+    got = backends.resolve("bptt", "cuda", net)(net, x, y, S, 2, 2, prob.loss)
     assert got[0] == ref[0]
     for n in ref[1]:
         np.testing.assert_array_equal(got[1][n], ref[1][n])
