@@ -9,7 +9,7 @@ checks:
    batch size), never from the number of threads.  Threads only decide *who* runs a chunk: with
    n threads, thread g runs chunks g, g + n, g + 2n, ... one after the other, and the results
    come back in chunk order, so every sum over chunks is formed in the same order whatever
-   ``numba.get_num_threads()`` (or ``NUMBA_NUM_THREADS``) is.
+   ``NUMBA_NUM_THREADS`` is.
 2. **BLAS is single-threaded inside a call, whichever thread calls.**  A chunk calls BLAS on its
    own rows; a multi-threaded BLAS would spin-wait at every small GEMM of the recurrence and, with
    OpenBLAS, could hang a ``fork()`` made meanwhile.  :func:`blas_single_thread` holds every
@@ -48,8 +48,13 @@ _lock = threading.Lock()
 
 
 def n_threads():
-    """How many threads a call of the calling thread may use (``numba.get_num_threads()``)."""
-    return numba.get_num_threads()
+    """How many threads a call may use: ``NUMBA_NUM_THREADS`` (numba's default: the CPU count).
+
+    Not ``numba.get_num_threads()``: it starts numba's own threading layer (which no kernel here
+    uses) and takes numba's process-wide launch lock at every call; a ``fork()`` while another
+    thread held that lock left the child waiting on it forever (seen 1 in ~60 runs of
+    tests/test_concurrency.py's fork test, the child's stack in numba's ``_launch_threads``)."""
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
 
 
 # --- BLAS threads ---------------------------------------------------------------------------------
