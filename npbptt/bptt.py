@@ -48,9 +48,7 @@ def vjp_params(net, cache, b):
     """b . dS_t/dtheta as a dict over every parameter the state update uses (the recurrent layers
     and, with an embedding, ``embedding.weight``): the summand of BPTT(K1, K2) in Eq. (15)."""
     grads, _, dx = net.step_vjp(cache, b)
-    if net.embedding:
-        grads["embedding.weight"] = np.zeros_like(net.params["embedding.weight"])
-        np.add.at(grads["embedding.weight"], cache[0], dx)
+    net.input_vjp(cache[0], dx, grads)      # the embedding's rows (nothing for a dense input)
     return grads
 
 
@@ -95,8 +93,7 @@ def bptt_reference(net, x, y, S, K1, K2, loss):
         # b_k . dS_{s-k}/dS_{s-k-1} (unused after k = K1: that state is a constant).
         dtheta, b, dx = net.step_vjp(caches[i], b)
         _accumulate(grads, dtheta)
-        if net.embedding:            # the input use of E; tied: summed with the read-out use
-            np.add.at(grads["embedding.weight"], x[t], dx)
+        net.input_vjp(x[t], dx, grads)   # the input use of E; tied: summed with the read-out use
     for v in grads.values():
         v /= K2                      # the 1/K2 of Eq. (15)
     return total / K2, grads, S

@@ -163,8 +163,23 @@ class _Network:
 
     # -- one network step and its vector-Jacobian product ---------------------------------
     def embed(self, x_t):
-        """Input of layer 0 at one step: E[x_t] (B, input_size) or the dense x_t itself."""
+        """Input of layer 0 at one step: E[x_t] (B, input_size) or the dense x_t itself.  The only
+        place that turns x_t into the layer-0 input; its VJP is :meth:`input_vjp`."""
         return self.params["embedding.weight"][x_t] if self.embedding else x_t
+
+    def input_vjp(self, x_t, dx, grads, scale=1.0):
+        """Accumulate into ``grads`` (in place) the gradient of the layer-0 input's parameters,
+        given ``dx`` (B, input_size) = d/d embed(x_t): the embedding scatter
+        ``grads["embedding.weight"][x_t[b]] += scale * dx[b]`` (the entry is created as zeros
+        when missing), nothing for a dense input.  The one place that differentiates
+        :meth:`embed`: every caller goes through it, so a subclass with another input (e.g. an
+        embedding beside dense features) overrides ``embed`` and ``input_vjp`` together."""
+        if not self.embedding:
+            return
+        g = grads.get("embedding.weight")
+        if g is None:
+            g = grads["embedding.weight"] = np.zeros_like(self.params["embedding.weight"])
+        np.add.at(g, x_t, dx if scale == 1.0 else dx * scale)   # repeated tokens add up
 
     def step(self, S_prev, x_t):
         """S_t = H(S_{t-1}, x_t; theta), Eq. (1) for the stacked network.

@@ -40,8 +40,7 @@ def _backward_sweep(net, x, y, S, loss, with_params):
             dtheta, b_next, dx = net.step_vjp(caches[t], b)
         if with_params:                         # Eq. (3): g_k adds b_k . dS_{T-k}/dtheta
             _accumulate(G, {n: v / B for n, v in dtheta.items()})
-            if net.embedding:
-                np.add.at(G["embedding.weight"], x[t], dx / B)
+            net.input_vjp(x[t], dx / B, G)
         yield k, b, G
         if k + 1 < T:
             b = b_next                          # Eq. (16), k >= K2 = 1: b_{k+1} = b_k dS_{T-k}/dS_{T-k-1}

@@ -179,9 +179,7 @@ def _vjp(net, cache, b):
     """(dtheta, dS_prev) of one (stacked) step: b . dH/dtheta over the recurrent layers and the
     embedding (as ``npbptt.bptt.vjp_params``) and b . dS_t/dS_{t-1} (``vjp_state``), one call."""
     grads, dS_prev, dx = net.step_vjp(cache, b)
-    if net.embedding:
-        grads["embedding.weight"] = np.zeros_like(net.params["embedding.weight"])
-        np.add.at(grads["embedding.weight"], cache[0], dx)
+    net.input_vjp(cache[0], dx, grads)
     return grads, dS_prev
 
 
