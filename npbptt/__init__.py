@@ -23,7 +23,8 @@ try:
     from .probe import Probe, grad_norms, probe
     from .interop import from_jax, from_torch, to_jax, to_torch
     from .crosscheck import CrossCheckReport, crosscheck
-    from .train import Diverged, TrainConfig, TrainResult, train_copy  # npbptt.train.train: the loop
+    from .train import Diverged, TrainConfig, TrainResult               # npbptt.train.train: the loop
+    from .tasks import train_copy, train_task                           # the experiments of §5
     from .variants import ResettingRNN                                  # Theorem 1: npbptt.theory
 except KeyboardInterrupt:
     if not _importing_for_the_command():
@@ -37,4 +38,4 @@ __version__ = "0.1.0"
 __all__ = ["RNN", "LSTM", "bptt", "BPTTResult", "stream", "step_losses", "vjp_state",
            "vjp_params", "available_backends", "default_backend", "grad_norms", "probe", "Probe",
            "from_torch", "to_torch", "from_jax", "to_jax", "crosscheck", "CrossCheckReport",
-           "train_copy", "TrainConfig", "TrainResult", "Diverged", "ResettingRNN"]
+           "train_copy", "train_task", "TrainConfig", "TrainResult", "Diverged", "ResettingRNN"]

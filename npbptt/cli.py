@@ -20,12 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "QUICK"]
-
-# --quick: a short copy task that runs in minutes on 2 cores (numpy backend)
-QUICK = dict(T_train=64_000, T_eval=16_000, epochs=40, delta_probes=5)
-TASKS = ("copy",)
-
+__all__ = ["main", "build_parser"]
 
 class UsageError(Exception):
     """A bad flag or value: printed as one line, exit status 2."""
@@ -42,39 +37,72 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-# --- flags -------------------------------------------------------------------------------------
-# name -> (TrainConfig/task keyword, type, help).  Every default is None so that the flags a user
-# gave can be told from the defaults (a resumed run compares them with its config.json).
-_TASK_FLAGS = {
-    "--m": ("m", int, "copy length m (largest m when --m-min is given) [10]"),
-    "--m-min": ("m_min", int, "smallest copy length: m uniform on [m-min, m] (variable copy task)"),
-    "--n-symbols": ("n_symbols", int, "number I of data symbols [6]"),
-    "--T-train": ("T_train", int, "training steps in all (split into --batch streams) [256000]"),
-    "--T-eval": ("T_eval", int, "validation and test steps each [64000]"),
-    "--batch": ("batch", int, "parallel streams = minibatch size S [64]"),
-    "--embed": ("embed", int, "embedding size [6]"),
-    "--hidden": ("hidden", int, "LSTM hidden and cell size [50]"),
-    "--layers": ("layers", int, "LSTM layers [2]"),
-    "--data-seed": ("data_seed", int, "seed of the data streams [0]"),
+# --- flags ---------------------------------------------------------------------------------
+# Every flag's default is None so that the flags a user gave can be told from the defaults (a
+# resumed run compares them with its config.json, a task refuses the flags it has no setting
+# for).  The defaults themselves are the tasks' tables (npbptt.tasks), shown in --help.
+_TRAIN_HELP = {
+    "epochs": (int, "passes over the training data"),
+    "lr": (float, "SGD step gamma; the step is gamma*sqrt(K)*g (Algorithm 1)"),
+    "weight_decay": (float, "L2 weight decay added to the gradient"),
+    "clip": (float, "clip the gradient norm to this value (none: no clipping)"),
+    "K0": (int, "adaptive: truncation of the first segment, before the first probe"),
+    "K_min": (int, "adaptive: smallest K of Eq. (25)"),
+    "K_max": (int, "adaptive: largest K of Eq. (25)"),
+    "W": (int, "probe window: lags 0..W by BPTT(W, 1)"),
+    "burnin": (int, "steps from the zero state before a probe window"),
+    "probes_per_epoch": (int, "truncation updates per epoch (alpha of §4.4)"),
+    "tau_hat": (int, "start of the geometric tail in the probe [0.9 W]"),
+    "method": (str, "beta estimator: ols (Eq. 22), max (Eq. 21), quantile"),
+    "beta_alpha": (float, "quantile level alpha of --method quantile"),
+    "variant": (str, "bias bounds as printed (paper) or as the authors' code"),
+    "delta_probes": (int, "probes per epoch measuring delta_hat(K) for metrics.csv"),
 }
-_TRAIN_FLAGS = {
-    "--epochs": ("epochs", int, "passes over the training data [100; --quick: 40]"),
-    "--lr": ("lr", float, "SGD step gamma; the step is gamma*sqrt(K)*g (Algorithm 1) [1.0]"),
-    "--weight-decay": ("weight_decay", float, "L2 weight decay [1e-5, as the authors' copy runs]"),
-    "--clip": ("clip", float, "clip the gradient norm to this value [no clipping]"),
-    "--K0": ("K0", int, "adaptive: truncation of the first epoch, before the first probe [15]"),
-    "--K-min": ("K_min", int, "adaptive: smallest K of Eq. (25) [2]"),
-    "--K-max": ("K_max", int, "adaptive: largest K of Eq. (25) [100]"),
-    "--W": ("W", int, "probe window: lags 0..W by BPTT(W, 1) [100]"),
-    "--burnin": ("burnin", int, "steps from the zero state before a probe window [20]"),
-    "--probes-per-epoch": ("probes_per_epoch", int, "truncation updates per epoch (alpha) [1]"),
-    "--tau-hat": ("tau_hat", int, "start of the geometric tail in the probe [0.9 W]"),
-    "--method": ("method", str, "beta estimator: ols (Eq. 22), max (Eq. 21), quantile [ols]"),
-    "--beta-alpha": ("beta_alpha", float, "quantile level alpha of --method quantile [0.1]"),
-    "--variant": ("variant", str, "bias bounds as printed (paper) or as the authors' code [paper]"),
-    "--delta-probes": ("delta_probes", int, "probes per epoch measuring delta_hat(K) [10]"),
-}
-COPY_CLI_DEFAULTS = dict(epochs=100, weight_decay=1e-5)
+
+
+def _flag_of(key):
+    return "--" + key.replace("_", "-")
+
+
+def _tasks():
+    from .tasks import TASKS
+    return TASKS
+
+
+def _train_default_help(key):
+    """'[copy 1.0, ptb 10.0; --quick ...]': the tasks' defaults of a TrainConfig field."""
+    from .config import TrainConfig
+    base = TrainConfig.__dataclass_fields__[key].default
+    parts, quick = [], []
+    for t in _tasks().values():
+        v = t.train_defaults.get(key, base)
+        parts.append(f"{t.name} {v}")
+        if key in t.quick_train:
+            quick.append(f"{t.name} {t.quick_train[key]}")
+    vals = {p.split(" ", 1)[1] for p in parts}
+    text = parts[0].split(" ", 1)[1] if len(vals) == 1 else ", ".join(parts)
+    return f"[{text}" + (f"; --quick: {', '.join(quick)}" if quick else "") + "]"
+
+
+def _task_settings():
+    """flag -> (key, Setting, [task names]) over every task's settings."""
+    out = {}
+    for t in _tasks().values():
+        for st in t.settings:
+            entry = out.setdefault(st.flag, (st.key, st, []))
+            entry[2].append(t.name)
+    return out
+
+
+def _setting_help(flag, key, setting, names):
+    tasks = _tasks()
+    defaults = []
+    for n in names:
+        st = tasks[n].by_key[key]
+        d = st.none if st.default is None else st.default
+        q = "" if st.quick == st.SAME else f" (--quick {st.quick})"
+        defaults.append(f"{n} {d}{q}")
+    return f"{setting.help} [{', '.join(defaults)}]"
 
 
 def _positive_int(name, v):
@@ -83,12 +111,30 @@ def _positive_int(name, v):
 
 
 def _add_common(p):
-    p.add_argument("task", choices=TASKS, help="the experiment (copy: §5.1)")
-    for flag, (_, typ, hlp) in {**_TASK_FLAGS, **_TRAIN_FLAGS}.items():
-        p.add_argument(flag, type=typ, default=None, help=hlp)
+    tasks = _tasks()
+    p.add_argument("task", choices=list(tasks),
+                   help="; ".join(f"{t.name}: {t.title}" for t in tasks.values()))
+    for flag, (key, st, names) in _task_settings().items():
+        hlp = _setting_help(flag, key, st, names)
+        if st.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=hlp)
+        else:
+            p.add_argument(flag, type=st.type, default=None, help=hlp)
+    for key, (typ, hlp) in _TRAIN_HELP.items():
+        if not hlp.endswith("]"):
+            hlp = f"{hlp} {_train_default_help(key)}"
+        p.add_argument(_flag_of(key), type=typ, default=None, help=hlp)
+    p.add_argument("--dtype", choices=("float64", "float32"), default=None,
+                   help="precision of the parameters and arithmetic [float64: the reference's, "
+                        "exact to round-off, so that gradients and bias estimates are exact; "
+                        "float32 runs about twice as fast]")
+    p.add_argument("--data-dir", default=None,
+                   help="directory of the real data (ptb, wikitext2) [the NPBPTT_DATA environment "
+                        "variable]")
     p.add_argument("--backend", default=None, help="numpy, numba or cuda [fastest available]")
     p.add_argument("--quick", action="store_true",
-                   help="short version: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+                   help="a small slice of the data and a small model: seconds to a minute "
+                        "(the --quick values in brackets)")
 
 
 def build_parser():
@@ -126,32 +172,34 @@ def build_parser():
     return p
 
 
-def _gather(a, flags):
-    """{keyword: value} of the flags the user gave (not None)."""
-    out = {}
-    for flag, (key, _, _) in flags.items():
+def _gather(a):
+    """(task keywords, TrainConfig keywords) of the flags the user gave (not None); a flag of
+    another task's setting is refused, naming the task."""
+    tasks = _tasks()
+    task = tasks[a.task]
+    task_kw, train_kw = {}, {}
+    for flag, (key, _, names) in _task_settings().items():
         v = getattr(a, flag.lstrip("-").replace("-", "_"))
+        if v is None:
+            continue
+        if a.task not in names:
+            raise UsageError(f"{flag} is not a setting of task {a.task!r} (its settings: "
+                             f"{' '.join(st.flag for st in task.settings)})")
+        task_kw[key] = v
+    for key in _TRAIN_HELP:
+        v = getattr(a, key)
         if v is not None:
-            out[key] = v
-    return out
+            train_kw[key] = v
+    return task_kw, train_kw
 
 
-def _check_values(a, task_kw, train_kw):
+def _check_values(train_kw):
     """One-line errors for the common bad values (the library re-checks everything)."""
     for key in ("epochs", "W", "K_min", "K_max", "K0", "probes_per_epoch"):
-        _positive_int("--" + key.replace("_", "-"), train_kw.get(key))
-    for key in ("m", "m_min", "n_symbols", "T_train", "T_eval", "batch", "embed", "hidden", "layers"):
-        _positive_int("--" + key.replace("_", "-"), task_kw.get(key))
-    if train_kw.get("K_min", 2) > train_kw.get("K_max", 100):
-        raise UsageError(f"--K-min ({train_kw.get('K_min', 2)}) must not exceed --K-max "
-                         f"({train_kw.get('K_max', 100)})")
-    if task_kw.get("m_min") is not None and task_kw["m_min"] > task_kw.get("m", 10):
-        raise UsageError(f"--m-min ({task_kw['m_min']}) must not exceed --m ({task_kw.get('m', 10)})")
+        _positive_int(_flag_of(key), train_kw.get(key))
     lr = train_kw.get("lr")
     if lr is not None and not (0 < lr < math.inf):
         raise UsageError(f"--lr must be a finite number > 0, got {lr}")
-    if getattr(a, "backend", None) is not None and a.backend not in ("numpy", "numba", "cuda"):
-        raise UsageError(f"--backend must be numpy, numba or cuda, got {a.backend!r}")
 
 
 def _check_K(K):
@@ -164,34 +212,71 @@ def _check_delta(d):
         raise UsageError(f"--delta must lie strictly between 0 and 1, got {d}")
 
 
+def _check_backend(a):
+    if getattr(a, "backend", None) is not None and a.backend not in ("numpy", "numba", "cuda"):
+        raise UsageError(f"--backend must be numpy, numba or cuda, got {a.backend!r}")
+
+
+def _flagged(e):
+    """A library ValueError 'key: ...' as a one-line usage error naming the flag."""
+    msg = str(e)
+    key, sep, rest = msg.partition(": ")
+    if sep and key.isidentifier() and key not in ("out", "net", "data", "config"):
+        return UsageError(f"{_flag_of(key)}: {rest}")
+    return UsageError(msg.replace("out: ", "--out ", 1) if msg.startswith("out: ") else msg)
+
+
 def _settings(a):
-    """Task and training keywords from the flags: (given_task, given_train, full_kwargs)."""
-    task_kw, train_kw = _gather(a, _TASK_FLAGS), _gather(a, _TRAIN_FLAGS)
-    if a.quick:
-        task_kw.setdefault("T_train", QUICK["T_train"])
-        task_kw.setdefault("T_eval", QUICK["T_eval"])
-        train_kw.setdefault("epochs", QUICK["epochs"])
-        train_kw.setdefault("delta_probes", QUICK["delta_probes"])
-    _check_values(a, task_kw, train_kw)
-    full = {**COPY_CLI_DEFAULTS, **task_kw, **train_kw}
+    """(given task keywords, given TrainConfig keywords, common keywords) of the flags; the
+    values the run will have are resolved and checked by npbptt.tasks.prepare."""
+    task_kw, train_kw = _gather(a)
+    _check_values(train_kw)
+    _check_backend(a)
+    common = {"quick": a.quick}
+    if a.dtype is not None:
+        common["dtype"] = a.dtype
+    if a.data_dir is not None:
+        if not a.data_dir.strip():
+            raise UsageError("--data-dir must name a directory, got an empty string")
+        common["data_dir"] = a.data_dir
     if a.backend is not None:
-        full["backend"] = a.backend
-    return task_kw, train_kw, full
+        train_kw["backend"] = a.backend
+    return task_kw, train_kw, common
 
 
-def _precheck(full, K, delta):
-    """Settings the library would refuse, refused before any run starts (one-line errors)."""
-    from .train import TrainConfig
-    task_keys = {k for k, _, _ in _TASK_FLAGS.values()}
+def _resolved(task, task_kw, train_kw, quick):
+    """Every setting the run will have (defaults filled in), checked: (values, training)."""
     try:
-        TrainConfig(K=K, delta=delta, **{k: v for k, v in full.items() if k not in task_keys})
+        values = task.values(task_kw, quick)
+        training = task.training(train_kw, quick)
     except ValueError as e:
-        raise UsageError(str(e)) from None
-    steps = full.get("T_train", 256_000) // full.get("batch", 64)
-    need = full.get("W", 100) + full.get("burnin", 20) + 1
-    if steps < need:
-        raise UsageError(f"--T-train: each of the {full.get('batch', 64)} training streams has "
-                         f"{steps} steps, fewer than the probe's burnin + W + 1 = {need}")
+        raise _flagged(e) from None
+    from .config import TrainConfig
+    K_min = training.get("K_min", TrainConfig.K_min)
+    K_max = training.get("K_max", TrainConfig.K_max)
+    if K_min > K_max:
+        raise UsageError(f"--K-min ({K_min}) must not exceed --K-max ({K_max})")
+    if values.get("m_min") is not None and values["m_min"] > values["m"]:
+        raise UsageError(f"--m-min ({values['m_min']}) must not exceed --m ({values['m']})")
+    known = task.stream_steps(values) if task.stream_steps else None
+    need = training.get("W", TrainConfig.W) + training.get("burnin", TrainConfig.burnin) + 1
+    if known is not None and known[0] < need:
+        what = (f"each of the {values['batch']} training streams has {known[0]} steps" if "batch" in values
+                else f"each training stream has {known[0]} steps")
+        raise UsageError(f"{_flag_of(known[1])}: {what}, fewer than the probe's burnin + W + 1 = {need}")
+    return values, training
+
+
+def _precheck(task_name, task_kw, train_kw, common, K, delta):
+    """Build the run (net, data: the data files are read and checked) and check every setting
+    against it, before anything is written.  One-line errors."""
+    from .tasks import prepare
+    from .train import check_data
+    try:
+        net, data, config, _ = prepare(task_name, K=K, delta=delta, **common, **task_kw, **train_kw)
+        check_data(net, data, config)
+    except ValueError as e:
+        raise _flagged(e) from None
 
 
 def _run_name(K, delta, seed):
@@ -200,11 +285,12 @@ def _run_name(K, delta, seed):
 
 # --- train -------------------------------------------------------------------------------------
 def _cmd_train(a):
-    from .train import (CHECKPOINT, CONFIG, Diverged, check_run_dir, format_metrics, read_config,
-                        resume_run, train_copy)
+    from .runfiles import CHECKPOINT, CONFIG, check_run_dir, format_metrics, read_config
+    from .tasks import TASKS, resume_run, train_task
+    from .train import Diverged
     _check_K(a.K)
     _check_delta(a.delta)
-    task_kw, train_kw, full = _settings(a)
+    task_kw, train_kw, common = _settings(a)
     if a.out is not None and not a.out.strip():
         raise UsageError("--out must name a run directory, got an empty string")
     if a.resume:
@@ -214,26 +300,28 @@ def _cmd_train(a):
         if not (out / CONFIG).is_file():
             raise UsageError(f"--resume: {out} holds no run ({CONFIG} not found)")
         stored = read_config(out)
+        if stored["info"].get("task") != a.task:
+            raise UsageError(f"--resume: {out} holds a run of task {stored['info'].get('task')!r}, "
+                             f"not {a.task!r}")
         if train_kw.get("epochs") is not None and (out / CHECKPOINT).is_file():
             from .checkpoint import load_checkpoint
             done = load_checkpoint(out / CHECKPOINT)[1].get("epoch")
             if isinstance(done, int) and train_kw["epochs"] < done:
                 raise UsageError(f"--epochs {train_kw['epochs']}: the run in {out} has finished {done} "
                                  f"epochs; a resumed run needs --epochs >= {done}")
-        given = {**task_kw, **{k: v for k, v in train_kw.items() if k != "epochs"}}
-        if a.K is not None:
-            given["K"] = a.K
-        if a.delta is not None:
-            given["delta"] = a.delta
-        if a.seed is not None:
-            given["seed"] = a.seed
-        have = {**stored["train"], **stored["info"]}
+        given = {**task_kw, **{k: v for k, v in train_kw.items() if k not in ("epochs", "backend")}}
+        given.update({k: v for k, v in (("K", a.K), ("delta", a.delta), ("seed", a.seed),
+                                        ("dtype", common.get("dtype"))) if v is not None})
+        if a.quick:
+            given["quick"] = True
+        have = {"quick": False, "dtype": "float64", **stored["train"], **stored["info"]}
         for k, v in given.items():
             if k in have and have[k] != v:
-                raise UsageError(f"--resume: {_flag(k)} {v} differs from the run in {out} ({k}={have[k]}); "
-                                 "a resumed run keeps its settings except --epochs and --backend")
+                raise UsageError(f"--resume: {_flag_of(k)} {v} differs from the run in {out} "
+                                 f"({k}={have[k]}); a resumed run keeps its settings except "
+                                 "--epochs, --backend and --data-dir")
         run = lambda: resume_run(out, epochs=train_kw.get("epochs"), backend=a.backend,  # noqa: E731
-                                 progress=not a.no_progress)
+                                 data_dir=common.get("data_dir"), progress=not a.no_progress)
     else:
         if a.K is None and a.delta is None:
             raise UsageError("give --K K (fixed truncation) or --delta D (adaptive truncation)")
@@ -248,16 +336,18 @@ def _cmd_train(a):
         if (out / CHECKPOINT).exists():
             raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or "
                              "choose another --out")
-        _precheck(full, a.K, a.delta)
-        run = lambda: train_copy(out, K=a.K, delta=a.delta, seed=seed,  # noqa: E731
-                                 progress=not a.no_progress, **full)
+        _resolved(TASKS[a.task], task_kw, train_kw, a.quick)
+        run = lambda: train_task(a.task, out, K=a.K, delta=a.delta, seed=seed,  # noqa: E731
+                                 progress=not a.no_progress, **common, **task_kw, **train_kw)
     try:
         res = run()
     except Diverged as e:
         print(f"npbptt train: {e}", file=sys.stderr)
         return 1
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        if _is_run_file_error(e):
+            raise
+        raise _flagged(e) from None
     except KeyboardInterrupt:
         if (out / CHECKPOINT).is_file():
             raise Interrupted(f"interrupted; {out / CHECKPOINT} holds the last finished epoch: "
@@ -271,17 +361,16 @@ def _cmd_train(a):
     return 0
 
 
-def _flag(key):
-    for flag, (k, _, _) in {**_TASK_FLAGS, **_TRAIN_FLAGS}.items():
-        if k == key:
-            return flag
-    return "--" + key.replace("_", "-")
-
-
 # --- sweep -------------------------------------------------------------------------------------
-def _sweep_job(out, K, delta, seed, kwargs):
+_TABLES = {"copy": "table_c1.md", "ptb": "table_c2.md", "wikitext2": "table_c2.md"}
+
+
+def _sweep_job(out, task, K, delta, seed, kwargs):
     """One run of a sweep: fresh, resumed, or skipped when finished.  Returns a status line."""
-    from .train import CHECKPOINT, Diverged, load_metrics, resume_run, train_copy
+    from .checkpoint import atomic_write_text
+    from .runfiles import CHECKPOINT, load_metrics
+    from .tasks import resume_run, train_task
+    from .train import Diverged
     out = Path(out)
     epochs = kwargs["epochs"]
     done = load_metrics(out)
@@ -291,11 +380,11 @@ def _sweep_job(out, K, delta, seed, kwargs):
         return f"{out.name}: finished earlier ({len(done)} epochs)"
     try:
         if (out / CHECKPOINT).is_file():
-            res = resume_run(out, epochs=epochs, backend=kwargs.get("backend"), progress=False)
+            res = resume_run(out, epochs=epochs, backend=kwargs.get("backend"),
+                             data_dir=kwargs.get("data_dir"), progress=False)
         else:
-            res = train_copy(out, K=K, delta=delta, seed=seed, progress=False, **kwargs)
+            res = train_task(task, out, K=K, delta=delta, seed=seed, progress=False, **kwargs)
     except Diverged as e:
-        from .checkpoint import atomic_write_text
         atomic_write_text(out / "DIVERGED", f"{e}\n")
         return f"{out.name}: DIVERGED -- {e}"
     best = min(res.metrics, key=lambda r: r["valid_ppl"])
@@ -305,9 +394,10 @@ def _sweep_job(out, K, delta, seed, kwargs):
 def _cmd_sweep(a):
     import joblib
     from tqdm.auto import tqdm
-    from .plots import collect_runs, format_table_c1, summarize_runs
     from .checkpoint import atomic_write_text, load_checkpoint
-    from .train import CHECKPOINT, CONFIG, check_run_dir, load_metrics, read_config
+    from .plots import collect_runs, format_table_c1, summarize_runs
+    from .runfiles import CHECKPOINT, CONFIG, check_run_dir, load_metrics, read_config
+    from .tasks import TASKS
     for K in a.K:
         _check_K(K)
     for d in a.delta:
@@ -320,22 +410,28 @@ def _cmd_sweep(a):
         raise UsageError(f"--seed0 must be an integer >= 0, got {a.seed0}")
     if a.jobs == 0 or a.jobs < -1:
         raise UsageError(f"--jobs must be >= 1 (or -1 for all cores), got {a.jobs}")
-    _, _, full = _settings(a)
+    task_kw, train_kw, common = _settings(a)
+    task = TASKS[a.task]
+    values, training = _resolved(task, task_kw, train_kw, a.quick)
+    _precheck(a.task, task_kw, train_kw, common, a.K[0] if a.K else None,
+              None if a.K else a.delta[0])
     for K in a.K:
-        _precheck(full, K, None)
+        _precheck_config(training, K, None)
     for d in a.delta:
-        _precheck(full, None, d)
+        _precheck_config(training, None, d)
     if not a.out.strip():
         raise UsageError("--out must name a sweep directory, got an empty string")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
-    if (out.is_dir() and any(out.iterdir()) and not (out / "table_c1.md").is_file()
+    if (out.is_dir() and any(out.iterdir()) and not any(out.glob("table_c*.md"))
             and not any((p / CONFIG).is_file() for p in out.iterdir() if p.is_dir())):
-        raise UsageError(f"--out {out} is neither empty nor an npbptt sweep (no table_c1.md, no "
+        raise UsageError(f"--out {out} is neither empty nor an npbptt sweep (no table_c*.md, no "
                          "run directories); choose a new or empty directory")
-    jobs = [(out / _run_name(K, None, s), K, None, s) for K in a.K for s in range(a.seed0, a.seed0 + a.seeds)]
-    jobs += [(out / _run_name(None, d, s), None, d, s) for d in a.delta for s in range(a.seed0, a.seed0 + a.seeds)]
+    seeds = range(a.seed0, a.seed0 + a.seeds)
+    jobs = [(out / _run_name(K, None, s), K, None, s) for K in a.K for s in seeds]
+    jobs += [(out / _run_name(None, d, s), None, d, s) for d in a.delta for s in seeds]
+    want = {**values, **training, "dtype": common.get("dtype", "float64")}
     for path, K, d, s in jobs:                   # a run on disk must be the run asked for, undamaged
         try:
             check_run_dir(path)
@@ -346,13 +442,17 @@ def _cmd_sweep(a):
             load_metrics(path)
             if (path / CHECKPOINT).is_file():
                 load_checkpoint(path / CHECKPOINT)
-            have = {**stored["train"], **stored["info"]}
-            for k, v in {**full, "K": K, "delta": d, "seed": s}.items():
+            have = {"dtype": "float64", **stored["train"], **stored["info"]}
+            if have.get("task", a.task) != a.task:
+                raise UsageError(f"{path} holds a run of task {have.get('task')!r}, the sweep is of "
+                                 f"{a.task!r}: choose another --out")
+            for k, v in {**want, "K": K, "delta": d, "seed": s}.items():
                 if k not in ("epochs", "backend") and k in have and have[k] != v:
                     raise UsageError(f"{path} holds a run with {k}={have[k]!r}, the sweep asks for "
                                      f"{k}={v!r}: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    calls = (joblib.delayed(_sweep_job)(str(p), K, d, s, full) for p, K, d, s in jobs)
+    kwargs = {**common, **task_kw, **train_kw, "epochs": training["epochs"]}
+    calls = (joblib.delayed(_sweep_job)(str(p), a.task, K, d, s, kwargs) for p, K, d, s in jobs)
     if a.scheduler is not None:
         try:
             from dask.distributed import Client
@@ -377,10 +477,18 @@ def _cmd_sweep(a):
             client.close()
     runs = collect_runs([out])
     table = format_table_c1(summarize_runs(runs))
-    atomic_write_text(out / "table_c1.md", table + "\n")
+    atomic_write_text(out / _TABLES[a.task], table + "\n")
     print(table)
-    print(f"\nwritten: {out / 'table_c1.md'}")
+    print(f"\nwritten: {out / _TABLES[a.task]}")
     return 0
+
+
+def _precheck_config(training, K, delta):
+    from .config import TrainConfig
+    try:
+        TrainConfig(K=K, delta=delta, **training)
+    except ValueError as e:
+        raise _flagged(e) from None
 
 
 # --- plot --------------------------------------------------------------------------------------

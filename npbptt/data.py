@@ -192,7 +192,8 @@ def _read(data_dir, keys):
         if not (data_dir / f"{key}.gz").is_file():
             raise FileNotFoundError(f"{data_dir / (key + '.gz')} not found: expected the "
                                     f"gzip-compressed '{Path(key).name}.gz' in "
-                                    f"{data_dir / Path(key).parent} (see shared/data/README.md)")
+                                    f"{data_dir / Path(key).parent}, sha256 of its uncompressed "
+                                    f"content {SHA256[key]} (see shared/data/README.md)")
     return [verify_file(data_dir / f"{key}.gz", SHA256[key]).decode("utf-8") for key in keys]
 
 

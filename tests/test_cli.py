@@ -54,7 +54,8 @@ def one_line_error(err):
     (["frobnicate"], 2, "invalid choice"),
     (["sweep", "copy", "--K", "3", "--T-train", "6400", "--out", "x"], 2,
      "--T-train: each of the 64 training streams has 100 steps, fewer than the probe's"),
-    (["train", "copy", "--delta", "0.5", "--W", "10", "--tau-hat", "10"], 2, "tau_hat"),
+    (["train", "copy", "--delta", "0.5", "--W", "10", "--tau-hat", "10"], 2,
+     r"--tau-hat: expected None or an integer in \[0, W\)"),
 ])
 def test_bad_flags_and_values_give_one_line_and_exit_status(capsys, argv, code, match):
     got, out, err = run(capsys, *argv)

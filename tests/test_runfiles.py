@@ -251,7 +251,7 @@ def test_resume_with_fewer_epochs_than_done_is_refused(capsys, base, tmp_path):
 
 
 def test_library_resume_with_fewer_epochs_is_refused(base, tmp_path):
-    from npbptt.train import resume_run
+    from npbptt.tasks import resume_run
     out = copy_of(base, "run", tmp_path)
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match="has finished 2 epochs; a resumed run needs epochs >= 2, got 1"):

@@ -1,0 +1,191 @@
+"""One trainer for every task (issue 18): the task table, the command line for every task, the
+real data end to end (--quick), --dtype, --data-dir, and what a missing or corrupt file does."""
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from npbptt import data as D
+from npbptt.checkpoint import load_checkpoint, read_csv
+from npbptt.cli import main
+from npbptt.config import TrainConfig
+from npbptt.tasks import TASKS, prepare, train_task
+
+DATA = Path(os.environ.get("NPBPTT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+needs_data = pytest.mark.skipif(not (DATA / "ptb" / "ptb.train.txt.gz").is_file(),
+                                reason="the real data (shared/data) are not here")
+# a small slice of PTB for tests: 200 steps of 32 streams, 30 of valid/test
+TINY = ["--train-steps", "200", "--eval-steps", "30", "--epochs", "1", "--no-progress"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err):
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --- the table: one source of defaults for the API and the command line --------------------------
+def test_every_task_setting_has_a_checked_default():
+    for task in TASKS.values():
+        for s in task.settings:
+            assert s.check(s.default) == s.default or s.default is None
+            if s.quick != s.SAME:
+                s.check(s.quick)
+        TrainConfig(K=5, **task.train_defaults)
+        TrainConfig(K=5, **task.training({}, quick=True))
+
+
+def test_api_and_cli_share_the_copy_defaults(tmp_path, capsys):
+    """The API's train_copy used weight decay 0.0 and the CLI 1e-5 (issue 17): one table now."""
+    _, _, cfg, _ = prepare("copy", K=3, T_train=64 * 130, T_eval=64 * 10)
+    assert cfg.weight_decay == 1e-5 and cfg.epochs == 100 and cfg.lr == 1.0
+    code, _, err = run(capsys, "train", "copy", "--K", "3", "--T-train", str(64 * 130),
+                       "--T-eval", "640", "--epochs", "1", "--hidden", "4", "--no-progress",
+                       "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    stored = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    assert stored["weight_decay"] == 1e-5 and stored["lr"] == 1.0
+
+
+def test_the_paper_settings_of_the_language_tasks():
+    """§5.2 / the authors' scripts: the values the issue names."""
+    for name, size in (("ptb", 900), ("wikitext2", 512)):
+        t = TASKS[name]
+        v = {s.key: s.default for s in t.settings}
+        assert (v["embed"], v["hidden"], v["layers"], v["batch"]) == (size, size, 1, 32)
+        assert v["tie_weights"] is True and v["dropout"] == 0.2
+        d = t.train_defaults
+        assert (d["lr"], d["clip"], d["weight_decay"], d["W"], d["K0"], d["K_min"], d["K_max"]) == \
+            (10.0, 1.0, 1e-7, 400, 100, 10, 400)
+
+
+def test_unknown_setting_for_a_task_is_refused_naming_it():
+    with pytest.raises(ValueError, match="m: not a setting of task 'ptb'"):
+        prepare("ptb", K=3, m=5, data_dir=str(DATA))
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        prepare("copy", K=3, dtype="float16")
+
+
+def test_flag_of_another_task_is_refused_with_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "ptb", "--K", "3", "--m", "5", "--out", str(tmp_path / "x"))
+    assert code == 2
+    assert "--m is not a setting of task 'ptb'" in one_line(err)
+    code, _, err = run(capsys, "train", "copy", "--K", "3", "--dropout", "0.1",
+                       "--out", str(tmp_path / "x"))
+    assert code == 2 and "--dropout is not a setting of task 'copy'" in one_line(err)
+    assert not (tmp_path / "x").exists()
+
+
+# --- data files: missing, corrupt, no directory ------------------------------------------------------
+def test_no_data_directory_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("NPBPTT_DATA", raising=False)
+    code, _, err = run(capsys, "train", "ptb", "--K", "3", "--out", str(tmp_path / "r"))
+    assert code == 2
+    assert "--data-dir" in one_line(err) and "NPBPTT_DATA" in err
+    assert not (tmp_path / "r").exists()
+
+
+@needs_data
+def test_missing_file_names_file_directory_and_sha256(capsys, tmp_path):
+    d = tmp_path / "data"
+    (d / "ptb").mkdir(parents=True)
+    for s in ("train", "valid"):
+        shutil.copy(DATA / "ptb" / f"ptb.{s}.txt.gz", d / "ptb")
+    code, _, err = run(capsys, "train", "ptb", "--K", "3", "--data-dir", str(d), "--quick",
+                       "--out", str(tmp_path / "r"), *TINY)
+    line = one_line(err)
+    assert code == 2
+    assert str(d / "ptb" / "ptb.test.txt.gz") in line and str(d / "ptb") in line
+    assert D.SHA256["ptb/ptb.test.txt"] in line
+    assert not (tmp_path / "r").exists()
+
+
+@needs_data
+def test_corrupt_file_names_file_and_both_sums(capsys, tmp_path):
+    d = tmp_path / "data"
+    (d / "ptb").mkdir(parents=True)
+    for s in ("train", "test"):
+        shutil.copy(DATA / "ptb" / f"ptb.{s}.txt.gz", d / "ptb")
+    with gzip.open(DATA / "ptb" / "ptb.valid.txt.gz", "rb") as f:
+        raw = bytearray(f.read())
+    raw[100] ^= 1                                     # one bit flipped in the text
+    with gzip.open(d / "ptb" / "ptb.valid.txt.gz", "wb") as f:
+        f.write(bytes(raw))
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", "ptb", "--K", "3", "--data-dir", str(d), "--quick",
+                       "--out", str(out), *TINY)
+    line = one_line(err)
+    assert code == 2
+    assert "ptb.valid.txt.gz" in line and D.SHA256["ptb/ptb.valid.txt"] in line
+    assert not out.exists()
+
+
+# --- every task end to end on the real files -------------------------------------------------------
+@needs_data
+def test_ptb_quick_end_to_end_and_bit_exact_resume(capsys, tmp_path):
+    common = ["--delta", "0.5", "--data-dir", str(DATA), "--quick", "--train-steps", "200",
+              "--eval-steps", "30", "--no-progress"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    code, out, err = run(capsys, "train", "ptb", *common, "--epochs", "2", "--out", str(whole))
+    assert code == 0, err
+    assert "best valid PPL" in out
+    code, _, err = run(capsys, "train", "ptb", *common, "--epochs", "1", "--out", str(part))
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "ptb", "--out", str(part), "--resume", "--epochs", "2",
+                       "--no-progress")
+    assert code == 0, err
+    a, b = load_checkpoint(whole / "checkpoint.npz")[0], load_checkpoint(part / "checkpoint.npz")[0]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    rows = read_csv(whole / "metrics.csv")
+    assert len(rows) == 2 and rows[1]["valid_ppl"] < 10_000   # learned something: V = 10,000
+    cfg = json.loads((whole / "config.json").read_text())
+    assert cfg["info"]["task"] == "ptb" and cfg["info"]["tie_weights"] is True
+    assert cfg["model"]["vocab_size"] == 10_000
+    assert "decoder.weight" not in a and "param/decoder.weight" not in a     # tied
+
+
+@needs_data
+def test_wikitext2_quick_end_to_end_float32(capsys, tmp_path):
+    out = tmp_path / "wt2"
+    code, text, err = run(capsys, "train", "wikitext2", "--K", "5", "--dtype", "float32",
+                          "--data-dir", str(DATA), "--quick", "--out", str(out), *TINY[:4],
+                          "--epochs", "1", "--no-progress")
+    assert code == 0, err
+    arrays, _ = load_checkpoint(out / "checkpoint.npz")
+    assert all(v.dtype == np.float32 for v in arrays.values())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["info"]["dtype"] == "float32" and cfg["model"]["vocab_size"] == 33_278
+    assert np.isfinite(read_csv(out / "metrics.csv")[0]["test_ppl"])
+
+
+def test_float32_copy_run_trains_and_resumes(tmp_path):
+    kw = dict(K=4, T_train=64 * 140, T_eval=64 * 20, hidden=8, epochs=2, dtype="float32",
+              progress=False)
+    whole = train_task("copy", tmp_path / "a", **kw)
+    assert all(v.dtype == np.float32 for v in whole.params.values())
+    train_task("copy", tmp_path / "b", **{**kw, "epochs": 1})
+    from npbptt.tasks import resume_run
+    resumed = resume_run(tmp_path / "b", epochs=2, progress=False)
+    assert all(np.array_equal(whole.params[k], resumed.params[k]) for k in whole.params)
+
+
+def test_resume_refuses_another_dtype(capsys, tmp_path):
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", "copy", "--K", "3", "--T-train", str(64 * 130),
+                       "--T-eval", "640", "--epochs", "1", "--hidden", "4", "--no-progress",
+                       "--out", str(out))
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "copy", "--out", str(out), "--resume", "--dtype",
+                       "float32", "--epochs", "2")
+    assert code == 2 and "--dtype float32 differs" in one_line(err)
