@@ -13,7 +13,8 @@ BLOCK_ELEMENTS = 1 << 22
 
 def supports(net):
     """True when ``net`` is an npbptt RNN/LSTM whose recurrence, read-out and embedding are the
-    stock ones, untied and without dropout, in float32 or float64: what the kernels compute.
+    stock ones, untied, in float32 or float64: what the kernels compute (with ``dropout > 0``
+    too: calls with dropout masks never get here, ``npbptt.backends.resolve`` runs them).
     ``npbptt.backends.resolve`` runs every other network on the NumPy reference."""
     from npbptt.model import LSTM, RNN, _Network
     if not isinstance(net, (RNN, LSTM)):
@@ -23,8 +24,8 @@ def supports(net):
                  "to_public"):
         if getattr(cls, name, None) is not getattr(_Network, name):
             return False
-    if getattr(net, "tie_weights", False) or getattr(net, "dropout", 0):
-        return False                 # tied read-out / dropout: the reference (issue 18)
+    if getattr(net, "tie_weights", False):
+        return False                 # tied read-out: the reference; dropout masks: resolve (issue 18)
     expected = (LSTM.kind, LSTM.gates) if isinstance(net, LSTM) else (RNN.kind, RNN.gates)
     return ((cls.kind, cls.gates) == expected and net.activation in ACT
             and np.dtype(net.dtype) in (np.float32, np.float64))

@@ -7,6 +7,9 @@ equal it):
     "step_losses" (net, x, y, S, loss)         -> (L (T,), S_T)        npbptt.bptt.step_losses_reference
     "grad_norms"  (net, x, y, S, loss)         -> phi (T, B)           npbptt.probe.grad_norms_reference
 
+Only the references take dropout masks (keyword ``masks``, an ``npbptt.model.DropoutMasks``);
+:func:`resolve` with ``masked=True`` returns them whatever the backend.
+
 Backends: "numpy" (the reference, always available), "numba" (CPU kernels in npbptt.kernels),
 "cuda" (numba.cuda kernels). ``backend=None`` picks :func:`default_backend`.
 """
@@ -50,10 +53,12 @@ def default_backend():
     return "numba" if _kernel_module("numba") is not None else "numpy"
 
 
-def resolve(op, backend=None, net=None):
+def resolve(op, backend=None, net=None, masked=False):
     """The function implementing ``op`` on ``backend`` (see the module docstring) for ``net``: the
     reference when the backend's kernels do not support ``net`` (``npbptt.kernels.shared.supports``;
-    ``net=None``: the kernel itself)."""
+    ``net=None``: the kernel itself), or when ``masked`` (the call has dropout masks, which only
+    the reference takes, as its keyword ``masks``).  The backend is checked either way.  Without
+    masks a network with ``dropout > 0`` is the stock network, which the kernels compute."""
     if op not in _REFERENCE:
         raise ValueError(f"unknown operation {op!r}")
     if backend is None:
@@ -69,9 +74,10 @@ def resolve(op, backend=None, net=None):
                          f"(available: {available()})")
     if backend == "cuda" and not mod.is_available():
         raise ValueError("backend 'cuda' needs an NVIDIA GPU (or NUMBA_ENABLE_CUDASIM=1); none found")
-    if net is not None and not mod.supports(net):
+    if masked or (net is not None and not mod.supports(net)):
         # the one place that decides: a network the kernels do not compute (its own step, a
-        # tied read-out, dropout) runs the reference, never silently the stock recurrence
+        # tied read-out) or a call with dropout masks runs the reference, never silently the
+        # stock recurrence
         module, name = _REFERENCE[op]
         return getattr(importlib.import_module(module), name)
     return getattr(mod, op)

@@ -12,17 +12,77 @@ With ``tie_weights=True`` the read-out reuses the embedding matrix, W_dec = E (V
 h_t^(L) E^T + b_dec, so ``params`` has no ``decoder.weight`` and ``grads["embedding.weight"]``
 is the sum of the two uses of E (the input rows E[x_t] and the read-out).
 
+With ``dropout=p > 0`` (§5.2, the authors' language-model scripts: torch.nn.Dropout, inverted)
+a training step multiplies two masks in, drawn Bernoulli(1 - p) and scaled by 1/(1 - p):
+
+    e_t <- m_t^in * e_t                  (the layer-0 input: the embedding output, or x_t)
+    out_t = W_dec (m_t^out * h_t^(L)) + b_dec                           (before the read-out)
+
+The masks are data, not state: :meth:`_Network.dropout_masks` draws them from a passed
+generator as a :class:`DropoutMasks`, and ``npbptt.bptt(..., masks=)`` differentiates the
+masked network exactly.  Without masks (evaluation, the probe, theory) the network is the
+stock one whatever ``dropout`` is.
+
 Internally a state is a tuple of arrays of shape (L, B, H): ``(h,)`` for the simple RNN and
 ``(h, c)`` for the LSTM.  The public state (``init_state``, ``bptt(..., state)``) is the array
 ``h`` for the RNN and the tuple ``(h, c)`` for the LSTM, as in PyTorch.
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 from .cells import ACTIVATIONS, lstm_step, lstm_step_vjp, rnn_step, rnn_step_vjp
 
-__all__ = ["RNN", "LSTM"]
+__all__ = ["RNN", "LSTM", "DropoutMasks", "check_masks"]
 
 _LAYER_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+@dataclass(frozen=True)
+class DropoutMasks:
+    """Inverted-dropout masks of T steps of a batch of B (from :meth:`_Network.dropout_masks`).
+
+    input  : (T, B, input_size)  multiplied into the layer-0 input embed(x_t) at step t
+    output : (T, B, hidden_size) multiplied into the top layer's h_t before the read-out
+
+    Values 0 or 1/(1 - p) in ``net.dtype`` when drawn; any finite arrays of these shapes and
+    dtype are accepted (a masked network).  Step t of a chunk x[t] uses ``input[t]`` and
+    ``output[t]``.
+    """
+    input: np.ndarray
+    output: np.ndarray
+
+    def steps(self, start, stop=None):
+        """The masks of steps start..stop-1 (views)."""
+        return DropoutMasks(self.input[start:stop], self.output[start:stop])
+
+    def then(self, later):
+        """These steps' masks followed by ``later``'s (a new record, arrays concatenated)."""
+        return DropoutMasks(np.concatenate([self.input, later.input]),
+                            np.concatenate([self.output, later.output]))
+
+
+def check_masks(net, masks, T, B):
+    """``masks`` (None or a :class:`DropoutMasks`) checked for a chunk of T steps of a batch of B:
+    ``input`` (T, B, input_size) and ``output`` (T, B, hidden_size) arrays of ``net.dtype``,
+    finite.  Returns ``masks``; ValueError naming ``masks`` otherwise."""
+    if masks is None:
+        return None
+    if not isinstance(masks, DropoutMasks):
+        raise ValueError("masks must be None or an npbptt.model.DropoutMasks "
+                         f"(net.dropout_masks(T, B, rng)), got {type(masks).__name__}")
+    for field, n in (("input", net.input_size), ("output", net.hidden_size)):
+        m = getattr(masks, field)
+        if not isinstance(m, np.ndarray):
+            raise ValueError(f"masks.{field} must be a NumPy array, got {type(m).__name__}")
+        if m.shape != (T, B, n):
+            raise ValueError(f"masks.{field} must have shape (T, B, {'input_size' if field == 'input' else 'hidden_size'})"
+                             f" = {(T, B, n)}, got {m.shape}")
+        if m.dtype != net.dtype:
+            raise ValueError(f"masks.{field} must have the network's dtype {net.dtype}, got {m.dtype}")
+        if not np.isfinite(m).all():
+            raise ValueError(f"masks.{field} must be finite (it has NaN or inf)")
+    return masks
 
 
 class _Network:
@@ -33,7 +93,8 @@ class _Network:
     tie_weights = False                     # set per instance by __init__
 
     def __init__(self, input_size, hidden_size, num_layers=1, output_size=None, vocab_size=None,
-                 activation="tanh", bias=True, dtype=np.float64, seed=None, tie_weights=False):
+                 activation="tanh", bias=True, dtype=np.float64, seed=None, tie_weights=False,
+                 dropout=0.0):
         for name, v, lo in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
                             ("num_layers", num_layers, 1)):
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
@@ -58,6 +119,9 @@ class _Network:
             if input_size != hidden_size:
                 raise ValueError(f"input_size must equal hidden_size={hidden_size} with "
                                  f"tie_weights=True (the embedding is the read-out), got {input_size!r}")
+        if isinstance(dropout, (bool, np.bool_)) or not isinstance(
+                dropout, (int, float, np.integer, np.floating)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number p with 0 <= p < 1, got {dropout!r}")
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
@@ -66,6 +130,7 @@ class _Network:
         self.vocab_size = None if vocab_size is None else int(vocab_size)
         self.activation, self.bias, self.dtype = activation, bool(bias), dtype
         self.tie_weights = bool(tie_weights)
+        self.dropout = float(dropout)
         self.params = self._init_params(np.random.default_rng(seed))
 
     # -- parameters ---------------------------------------------------------------------------
@@ -116,6 +181,26 @@ class _Network:
         zeros = lambda: np.zeros((self.num_layers, batch, self.hidden_size), self.dtype)
         return (zeros(), zeros()) if self.kind == "lstm" else zeros()
 
+    def dropout_masks(self, T, B, rng):
+        """Inverted-dropout masks for T steps of a batch of B, drawn from ``rng``
+        (an ``np.random.Generator``; nothing else is read).  A :class:`DropoutMasks`:
+
+            input  = where(rng.random((T, B, input_size))  >= p, 1/(1-p), 0)   drawn first
+            output = where(rng.random((T, B, hidden_size)) >= p, 1/(1-p), 0)   then
+
+        in ``self.dtype``: each entry Bernoulli(1 - p) times 1/(1 - p), p = ``self.dropout``
+        (all ones when p = 0; the generator advances all the same)."""
+        for name, v in (("T", T), ("B", B)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(rng, np.random.Generator):
+            raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        p = self.dropout
+        scale = 1.0 / (1.0 - p)
+        draw = lambda n: np.where(rng.random((T, B, n)) >= p, scale, 0.0).astype(self.dtype)
+        m_in = draw(self.input_size)
+        return DropoutMasks(m_in, draw(self.hidden_size))
+
     def zero_grads(self):
         """A dict of zeros shaped like ``params``."""
         return {k: np.zeros_like(v) for k, v in self.params.items()}
@@ -136,6 +221,8 @@ class _Network:
             cfg["activation"] = self.activation
         if self.tie_weights:
             cfg["tie_weights"] = True
+        if self.dropout > 0:                # absent at 0, as tie_weights: older runs' configs hold
+            cfg["dropout"] = self.dropout
         return cfg
 
     def __repr__(self):
@@ -143,7 +230,8 @@ class _Network:
         return f"{type(self).__name__}({args})"
 
     def to_torch(self):
-        """The network as torch modules (``npbptt.interop.TorchModules``: rnn, decoder, embedding)."""
+        """The network as torch modules (``npbptt.interop.TorchModules``: rnn, decoder, embedding).
+        ``dropout`` is not carried: the modules compute the stock (evaluation-mode) network."""
         from .interop import to_torch
         return to_torch(self)
 
@@ -181,12 +269,17 @@ class _Network:
             g = grads["embedding.weight"] = np.zeros_like(self.params["embedding.weight"])
         np.add.at(g, x_t, dx if scale == 1.0 else dx * scale)   # repeated tokens add up
 
-    def step(self, S_prev, x_t):
+    def step(self, S_prev, x_t, mask=None):
         """S_t = H(S_{t-1}, x_t; theta), Eq. (1) for the stacked network.
 
-        S_prev: tuple of (L, B, H); x_t: (B,) tokens or (B, input_size). Returns (S_t, cache).
+        S_prev: tuple of (L, B, H); x_t: (B,) tokens or (B, input_size); mask: None or
+        (B, input_size), the input dropout mask m_t^in multiplied into embed(x_t) (a
+        :class:`DropoutMasks` row).  Returns (S_t, cache); the cache is (x_t, caches), plus the
+        mask when one was given.
         """
         inp = self.embed(x_t)
+        if mask is not None:
+            inp = inp * mask                                # dropout on the layer-0 input
         S = tuple(np.empty_like(s) for s in S_prev)
         caches = []
         for l in range(self.num_layers):
@@ -197,14 +290,15 @@ class _Network:
                 S[0][l], cache = rnn_step(p, S_prev[0][l], inp, self.activation)
             caches.append(cache)
             inp = S[0][l]                                   # h_t^(l) is the input of layer l+1
-        return S, (x_t, caches)
+        return S, ((x_t, caches) if mask is None else (x_t, caches, mask))
 
     def step_vjp(self, cache, dS):
         """VJP of :meth:`step`. dS: tuple of (L, B, H), the gradient w.r.t. S_t as the input of
         step t+1 and of the read-out.  Returns (dtheta, dS_prev, dx): dtheta a dict over the
         recurrent layers' parameters, dS_prev = dS . dS_t/dS_{t-1}, dx (B, input_size) the
-        gradient w.r.t. the layer-0 input (the embedded rows when there is an embedding)."""
-        _, caches = cache
+        gradient w.r.t. embed(x_t) (the embedded rows when there is an embedding), through the
+        input dropout mask when :meth:`step` had one: hand it to :meth:`input_vjp`."""
+        _, caches, *mask = cache
         dS_prev = tuple(np.empty_like(d) for d in dS)
         grads = {}
         dx = None
@@ -216,6 +310,8 @@ class _Network:
             else:
                 dp, dS_prev[0][l], dx = rnn_step_vjp(p, caches[l], dh, self.activation)
             grads.update({f"{k}_l{l}": v for k, v in dp.items()})
+        if mask:
+            dx = dx * mask[0]                               # VJP of inp = embed(x_t) * m_t^in
         return grads, dS_prev, dx
 
     # -- read-out ------------------------------------------------------------------------
@@ -247,7 +343,9 @@ class RNN(_Network):
     parameter names and shapes, with an embedding (``vocab_size``) or dense input and a linear
     read-out ``decoder``.  ``activation`` in {"tanh", "relu", "sigmoid", "linear"}.
     ``tie_weights=True``: the read-out's weight is ``embedding.weight`` (needs ``vocab_size``,
-    ``output_size == vocab_size`` and ``input_size == hidden_size``)."""
+    ``output_size == vocab_size`` and ``input_size == hidden_size``).  ``dropout`` in [0, 1):
+    the probability p of the inverted dropout on the layer-0 input and on the top layer's
+    output, applied only where masks are passed (``net.dropout_masks``, ``npbptt.bptt``)."""
 
     kind = "rnn"
     gates = 1
@@ -256,13 +354,14 @@ class RNN(_Network):
 class LSTM(_Network):
     """Stacked LSTM (§2), PyTorch's nn.LSTM parameter names and gate order (i, f, g, o), with an
     embedding (``vocab_size``) or dense input and a linear read-out ``decoder``.
-    ``tie_weights=True``: the read-out's weight is ``embedding.weight`` (as :class:`RNN`)."""
+    ``tie_weights=True``: the read-out's weight is ``embedding.weight``, ``dropout``: as
+    :class:`RNN`."""
 
     kind = "lstm"
     gates = 4
 
     def __init__(self, input_size, hidden_size, num_layers=1, output_size=None, vocab_size=None,
-                 bias=True, dtype=np.float64, seed=None, tie_weights=False):
+                 bias=True, dtype=np.float64, seed=None, tie_weights=False, dropout=0.0):
         super().__init__(input_size, hidden_size, num_layers, output_size, vocab_size,
                          activation="tanh", bias=bias, dtype=dtype, seed=seed,
-                         tie_weights=tie_weights)
+                         tie_weights=tie_weights, dropout=dropout)
