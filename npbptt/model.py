@@ -27,6 +27,7 @@ Internally a state is a tuple of arrays of shape (L, B, H): ``(h,)`` for the sim
 ``(h, c)`` for the LSTM.  The public state (``init_state``, ``bptt(..., state)``) is the array
 ``h`` for the RNN and the tuple ``(h, c)`` for the LSTM, as in PyTorch.
 """
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,15 +72,20 @@ def check_masks(net, masks, T, B):
     if not isinstance(masks, DropoutMasks):
         raise ValueError("masks must be None or an npbptt.model.DropoutMasks "
                          f"(net.dropout_masks(T, B, rng)), got {type(masks).__name__}")
-    for field, n in (("input", net.input_size), ("output", net.hidden_size)):
+    if "mask" not in inspect.signature(net.step).parameters:
+        raise ValueError(f"masks: {type(net).__name__}.step takes no dropout mask (its override "
+                         "of step(S_prev, x_t) needs a mask=None argument, as _Network.step)")
+    for field, size, n in (("input", "input_size", net.input_size),
+                           ("output", "hidden_size", net.hidden_size)):
         m = getattr(masks, field)
         if not isinstance(m, np.ndarray):
             raise ValueError(f"masks.{field} must be a NumPy array, got {type(m).__name__}")
         if m.shape != (T, B, n):
-            raise ValueError(f"masks.{field} must have shape (T, B, {'input_size' if field == 'input' else 'hidden_size'})"
-                             f" = {(T, B, n)}, got {m.shape}")
+            raise ValueError(f"masks.{field} must have shape (T, B, {size}) = {(T, B, n)}, "
+                             f"got {m.shape}")
         if m.dtype != net.dtype:
-            raise ValueError(f"masks.{field} must have the network's dtype {net.dtype}, got {m.dtype}")
+            raise ValueError(f"masks.{field} must have the network's dtype {net.dtype}, "
+                             f"got {m.dtype}")
         if not np.isfinite(m).all():
             raise ValueError(f"masks.{field} must be finite (it has NaN or inf)")
     return masks

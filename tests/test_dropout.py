@@ -176,9 +176,8 @@ def _same(a, b):
     assert a.grads.keys() == b.grads.keys()
     for k in a.grads:
         assert np.array_equal(a.grads[k], b.grads[k]), k
-    for u, v in zip(np.atleast_1d(a.state) if not isinstance(a.state, tuple) else a.state,
-                    np.atleast_1d(b.state) if not isinstance(b.state, tuple) else b.state):
-        assert np.array_equal(u, v)
+    sa, sb = ((s if isinstance(s, tuple) else (s,)) for s in (a.state, b.state))
+    assert len(sa) == len(sb) and all(np.array_equal(u, v) for u, v in zip(sa, sb))
 
 
 @pytest.mark.parametrize("kind,embedding", [("lstm", True), ("rnn", False), ("lstm", False)])
@@ -324,6 +323,9 @@ def test_bad_masks_are_named():
             npbptt.bptt(net, x, y, state, 3, 2, backend="numpy", masks=m)
         with pytest.raises(ValueError, match="masks"):
             npbptt.step_losses(net, x, y, state, backend="numpy", masks=m)
+    reset = npbptt.ResettingRNN(E, H, vocab_size=V, reset_tokens=[1])   # its step takes no mask
+    with pytest.raises(ValueError, match="masks"):
+        npbptt.bptt(reset, x, y, reset.init_state(B), 3, 2, masks=masks)
     with pytest.raises(ValueError, match="rng"):
         net.dropout_masks(T, B, 0)
     with pytest.raises(ValueError, match="rng"):
