@@ -189,3 +189,18 @@ def test_resume_refuses_another_dtype(capsys, tmp_path):
     code, _, err = run(capsys, "train", "copy", "--out", str(out), "--resume", "--dtype",
                        "float32", "--epochs", "2")
     assert code == 2 and "--dtype float32 differs" in one_line(err)
+
+
+@needs_data
+def test_language_model_reproduction_script_smoke(tmp_path):
+    """validation/language_model.py --smoke: a tiny sweep, its Table C.2 beside the paper's."""
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "validation" / "language_model.py"
+    res = subprocess.run([sys.executable, str(script), "--smoke", "--runs", str(tmp_path / "runs"),
+                          "--results", str(tmp_path / "res")], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "NPBPTT_DATA": str(DATA)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = (tmp_path / "res" / "lm_ptb_table_c2.md").read_text()
+    assert "REDUCED" in table and "| δ = 0.5 | 90.1 (0.4) | 89.5 (0.3) |" in table and "| K = 5 |" in table
+    assert (tmp_path / "res" / "lm_ptb_figure1.png").stat().st_size > 1000
