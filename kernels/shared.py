@@ -20,8 +20,8 @@ def supports(net):
     if not isinstance(net, (RNN, LSTM)):
         return False
     cls = type(net)
-    for name in ("step", "step_vjp", "embed", "readout", "readout_vjp", "layer", "to_internal",
-                 "to_public"):
+    for name in ("step", "step_vjp", "embed", "input_vjp", "readout", "readout_vjp", "layer",
+                 "to_internal", "to_public"):
         if getattr(cls, name, None) is not getattr(_Network, name):
             return False
     if getattr(net, "tie_weights", False):

@@ -153,7 +153,6 @@ def train_epoch(net, x, y, cfg, st, epoch, on_chunk=None):
     T, B = x.shape[:2]
     edges = np.linspace(0, T, cfg.probes_per_epoch + 1).round().astype(int)
     bopt = cfg.bounds_options()
-    dropout = st.rng_dropout if getattr(net, "dropout", 0) else None
     state = net.init_state(B)                          # each epoch: the streams from S_0 = 0
     loss_sum, K_steps, chunk_no, probe = 0.0, 0.0, 0, None
     for a, b in zip(edges[:-1], edges[1:]):
@@ -165,8 +164,9 @@ def train_epoch(net, x, y, cfg, st, epoch, on_chunk=None):
             st.K = probe.K
             st.passes += (cfg.burnin + cfg.W + 1) / T      # §5: count the probe's data
         K = st.K
+        # dropout (net.dropout > 0): masks drawn chunk by chunk from the run's generator
         chunks = stream(net, x[a:b], y[a:b], state, K, 2 * K, cfg.loss, cfg.backend,
-                        **({"rng": dropout} if dropout is not None else {}))
+                        rng=st.rng_dropout)
         for chunk, res in chunks:
             chunk_no += 1
             at = f"(loss={res.loss!r}) at steps {a + chunk.start + 1}..{a + chunk.stop} of {T}"

@@ -81,9 +81,8 @@ def language_task(name, title, loader, size, probes_per_epoch):
         if v["tie_weights"] and v["embed"] != v["hidden"]:
             raise ValueError(f"embed, hidden: tied weights need embed == hidden, got "
                              f"{v['embed']} and {v['hidden']}")
-        extra = {"dropout": v["dropout"]} if v["dropout"] else {}
         net = LSTM(v["embed"], v["hidden"], v["layers"], V, vocab_size=V,
-                   tie_weights=v["tie_weights"], dtype=dtype, seed=seed, **extra)
+                   tie_weights=v["tie_weights"], dropout=v["dropout"], dtype=dtype, seed=seed)
         _init(net, seed)
         return net, data
     return Task(name, title, _settings(size), {**TRAIN, "probes_per_epoch": probes_per_epoch},
