@@ -285,8 +285,8 @@ def _run_name(K, delta, seed):
 
 # --- train -------------------------------------------------------------------------------------
 def _cmd_train(a):
-    from .runfiles import CHECKPOINT, CONFIG, check_run_dir, format_metrics, read_config
-    from .tasks import TASKS, resume_run, train_task
+    from .runfiles import CHECKPOINT, CONFIG, check_run_dir, format_metrics
+    from .tasks import TASKS, read_config, resume_run, train_task
     from .train import Diverged
     _check_K(a.K)
     _check_delta(a.delta)
@@ -396,8 +396,8 @@ def _cmd_sweep(a):
     from tqdm.auto import tqdm
     from .checkpoint import atomic_write_text, load_checkpoint
     from .plots import collect_runs, format_table_c1, summarize_runs
-    from .runfiles import CHECKPOINT, CONFIG, check_run_dir, load_metrics, read_config
-    from .tasks import TASKS
+    from .runfiles import CHECKPOINT, CONFIG, check_run_dir, load_metrics
+    from .tasks import TASKS, read_config
     for K in a.K:
         _check_K(K)
     for d in a.delta:

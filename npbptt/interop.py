@@ -236,7 +236,8 @@ class TorchModules:
 
 def to_torch(net):
     """The network as :class:`TorchModules` holding exact copies of ``net.params`` in the network's
-    dtype.  A simple RNN needs activation "tanh" or "relu" (nn.RNN's choices)."""
+    dtype.  A simple RNN needs activation "tanh" or "relu" (nn.RNN's choices).  ``net.dropout``
+    is not carried: the modules compute the stock (evaluation-mode) network."""
     torch = _import("torch")
     if net.kind == "rnn" and net.activation not in _TORCH_ACTIVATIONS:
         raise ValueError(f"net.activation must be one of {_TORCH_ACTIVATIONS} for torch.nn.RNN, "

@@ -235,17 +235,6 @@ class _Network:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
-    def to_torch(self):
-        """The network as torch modules (``npbptt.interop.TorchModules``: rnn, decoder, embedding).
-        ``dropout`` is not carried: the modules compute the stock (evaluation-mode) network."""
-        from .interop import to_torch
-        return to_torch(self)
-
-    def to_jax(self):
-        """``params`` as a dict of ``jax.numpy`` arrays (float64 needs JAX's 64-bit mode)."""
-        from .interop import to_jax
-        return to_jax(self)
-
     # -- state conversions -----------------------------------------------------------------
     def to_internal(self, state):
         """Public state -> internal tuple of (L, B, H) arrays."""

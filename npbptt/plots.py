@@ -70,7 +70,8 @@ def collect_runs(dirs):
     """The runs in ``dirs``: each a run directory, or a sweep directory with runs one level down.
     Every file is read and checked here, before anything is drawn: a damaged config.json,
     metrics.csv or phi_best.npz raises :class:`npbptt.checkpoint.RunFileError` naming it."""
-    from .runfiles import PHI_BEST, load_metrics, read_config
+    from .runfiles import PHI_BEST, load_metrics
+    from .tasks import read_config
     runs = []
     for d in map(Path, dirs):
         cands = [d] if _is_run(d) else sorted(p for p in d.iterdir() if p.is_dir() and _is_run(p))

@@ -309,4 +309,4 @@ def test_network_methods_to_torch_and_to_jax(torch):
         pytest.skip("npbptt/model.py has no to_torch/to_jax methods yet (the lead adds two "
                     "one-line delegations to npbptt.interop)")
     net = make_problem(np.random.default_rng(15), layers=2).net
-    _assert_grads_equal(npbptt.from_torch(net.to_torch()).params, net.params, rtol=0)
+    _assert_grads_equal(npbptt.from_torch(npbptt.to_torch(net)).params, net.params, rtol=0)

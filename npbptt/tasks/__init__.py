@@ -20,7 +20,7 @@ from .copy import COPY
 from .language import PTB, WIKITEXT2
 
 __all__ = ["TASKS", "Task", "Setting", "get_task", "train_task", "train_copy", "resume_run",
-           "data_dir_of", "DTYPES"]
+           "read_config", "data_dir_of", "DTYPES"]
 
 TASKS = {t.name: t for t in (COPY, PTB, WIKITEXT2)}
 _CONFIG_FIELDS = set(TrainConfig.__dataclass_fields__)
@@ -96,6 +96,17 @@ def train_copy(out=None, *, K=None, delta=None, seed=0, resume=False, progress=T
                       label=label, **settings)
 
 
+def read_config(out):
+    """The checked ``config.json`` of the run in ``out`` (:func:`npbptt.runfiles.read_config`),
+    its "info" checked against the settings of its task: RunFileError naming the file."""
+    from ..runfiles import CONFIG, read_config as read_run_config
+    doc = read_run_config(out)
+    task = TASKS.get(doc["info"].get("task"))
+    if task is not None:
+        task.check_info(doc["info"], Path(out) / CONFIG)
+    return doc
+
+
 def stored_settings(info):
     """The :func:`train_task` keywords stored in a run's ``info`` (config.json)."""
     task = get_task(info.get("task"))
@@ -108,7 +119,7 @@ def resume_run(out, epochs=None, backend=None, data_dir=None, progress=True, lab
     optionally with more ``epochs``, another ``backend`` or the data read from another
     ``data_dir`` (the data must be the same: its sha256 is checked).  A run stopped before its
     first checkpoint starts again from epoch 0 with its settings.  Returns TrainResult."""
-    from ..runfiles import CONFIG, read_config
+    from ..runfiles import CONFIG
     out = Path(out)
     if not (out / CONFIG).is_file():
         raise ValueError(f"out: {out} holds no run to resume ({CONFIG} not found)")
