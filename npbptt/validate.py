@@ -4,6 +4,9 @@ import numpy as np
 
 from .losses import LOSSES
 
+# Losses whose read-out layout only a point-process network has (its ``check_xy`` checks x, y).
+_POINT_PROCESS_LOSSES = ("rmtpp",)
+
 __all__ = ["is_int", "check_params", "check_x", "check_y", "check_state", "check_inputs", "check_K"]
 
 
@@ -77,6 +80,9 @@ def check_y(net, y, loss, T, B):
     """y: (T, B) integer targets for cross-entropy, (T, B, output_size) floats for mse."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+    if loss in _POINT_PROCESS_LOSSES:
+        raise ValueError(f"loss={loss!r} needs a point-process network with a check_xy method "
+                         f"(npbptt.point_process.RMTPPLSTM), got {net!r}")
     y = np.asarray(y)
     if loss == "cross_entropy":
         if y.shape != (T, B):
@@ -121,11 +127,20 @@ def check_state(net, state, B):
 
 
 def check_inputs(net, x, y, state, loss):
-    """All of the above; returns (x, y, S) with S the internal state tuple."""
+    """All of the above; returns (x, y, S) with S the internal state tuple.
+
+    A network with its own input layout (e.g. :class:`npbptt.point_process.RMTPPLSTM`) has a
+    method ``check_xy(x, y, loss) -> (x, y)`` that replaces :func:`check_x` and
+    :func:`check_y` (y may be None), raising ``ValueError`` naming the argument."""
     check_params(net)
-    x = check_x(net, x)
-    T, B = x.shape[:2]
-    y = check_y(net, y, loss, T, B) if y is not None else None
+    hook = getattr(net, "check_xy", None)
+    if hook is not None:
+        x, y = hook(x, y, loss)
+        T, B = x.shape[:2]
+    else:
+        x = check_x(net, x)
+        T, B = x.shape[:2]
+        y = check_y(net, y, loss, T, B) if y is not None else None
     return x, y, check_state(net, state, B)
 
 
