@@ -171,12 +171,12 @@ def _parse(s):
     return s
 
 
-def read_csv(path, columns=None):
+def read_csv(path, columns=None, extra=False):
     """Rows of a CSV written by :func:`write_csv`, numbers parsed (int, then float).
 
     Raises :class:`RunFileError` naming ``path`` when the file has no header (empty), a row with
     another number of fields than the header (truncated), or -- ``columns`` given -- a header
-    other than ``columns``."""
+    other than ``columns`` (``extra``: a header that begins with ``columns``)."""
     path = Path(path)
     try:
         with open(path, encoding="utf-8", newline="") as fh:
@@ -189,7 +189,7 @@ def read_csv(path, columns=None):
     if not text.endswith("\n"):                # write_csv ends every line, the last included
         raise RunFileError(f"{path}: truncated (the last line has no line end)")
     head = table[0]
-    if columns is not None and head != list(columns):
+    if columns is not None and (head[:len(columns)] if extra else head) != list(columns):
         raise RunFileError(f"{path}: unexpected header (not the {len(columns)} columns "
                            f"{columns[0]},{columns[1]},...)")
     rows = []

@@ -174,7 +174,8 @@ def save_state(out, net, cfg, state, digest):
     arrays = {f"param/{k}": v for k, v in net.params.items()}
     arrays.update({f"best/{k}": v for k, v in state.best_params.items()})
     save_checkpoint(Path(out) / CHECKPOINT, arrays, meta)
-    write_csv(Path(out) / METRICS, state.metrics, METRIC_COLUMNS)
+    extra = [c for c in (state.metrics[0] if state.metrics else {}) if c not in METRIC_COLUMNS]
+    write_csv(Path(out) / METRICS, state.metrics, METRIC_COLUMNS + tuple(extra))
 
 
 def restore(path, net, cfg, digest):
@@ -222,7 +223,7 @@ def load_metrics(out):
     path = Path(out) / METRICS
     if not path.is_file():
         return []
-    rows = read_csv(path, METRIC_COLUMNS)
+    rows = read_csv(path, METRIC_COLUMNS, extra=True)       # a task may add its own columns
     for i, r in enumerate(rows, start=1):
         if r["epoch"] != i:
             raise RunFileError(f"{path}: line {i + 1}: epoch {r['epoch']!r}, expected {i}")

@@ -205,7 +205,7 @@ def _mean_loss(net, split, loss, backend):
 
 # --- the loop ----------------------------------------------------------------------------------
 def train(net, data, config, out=None, resume=False, progress=True, info=None, label=None,
-          blas_threads=1):
+          blas_threads=1, metrics_fn=None):
     """Train ``net`` in place with SGD and BPTT(2K, K): fixed K, or Algorithm 1 (module docstring).
 
     Parameters
@@ -224,6 +224,10 @@ def train(net, data, config, out=None, resume=False, progress=True, info=None, l
     label : the progress bar's description
     blas_threads : BLAS threads during training (None: leave as is).  The products are small
         (batch x hidden): one thread is fastest, and several fight each other on a busy machine.
+    metrics_fn : None, or ``metrics_fn(net, valid, test, backend) -> dict`` of a task's own
+        metrics, added after :data:`METRIC_COLUMNS` to every row of ``metrics.csv`` (e.g. the
+        Book Order task's ``valid_nll``, ``test_rmse``); the best epoch stays the one of the
+        lowest validation loss.
 
     Returns
     -------
@@ -233,9 +237,9 @@ def train(net, data, config, out=None, resume=False, progress=True, info=None, l
     # Overflow on the way to divergence is detected and reported by Diverged, not warned about.
     with np.errstate(over="ignore", invalid="ignore"):
         if blas_threads is None:
-            return _train(net, data, config, out, resume, progress, info, label)
+            return _train(net, data, config, out, resume, progress, info, label, metrics_fn)
         with threadpool_limits(limits=blas_threads, user_api="blas"):
-            return _train(net, data, config, out, resume, progress, info, label)
+            return _train(net, data, config, out, resume, progress, info, label, metrics_fn)
 
 
 def check_data(net, data, cfg):
@@ -276,7 +280,7 @@ def _start(net, cfg, out, resume, digest):
     return RunState.fresh(net, cfg)
 
 
-def _train(net, data, config, out, resume, progress, info, label):
+def _train(net, data, config, out, resume, progress, info, label, metrics_fn):
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
     cfg = config
@@ -313,6 +317,8 @@ def _train(net, data, config, out, resume, progress, info, label):
                 raise _where_saved(_diverged(cfg, st, epoch, None, "non-finite validation/test "
                                    f"perplexity (mean losses {row['valid_loss']!r}, "
                                    f"{row['test_loss']!r})"), out, epoch)
+            if metrics_fn is not None:
+                row.update(metrics_fn(net, valid, test, cfg.backend))
             row["seconds"] = time.perf_counter() - t0
             st.metrics.append(row)
             st.epoch = epoch

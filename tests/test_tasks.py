@@ -204,3 +204,25 @@ def test_language_model_reproduction_script_smoke(tmp_path):
     table = (tmp_path / "res" / "lm_ptb_table_c2.md").read_text()
     assert "REDUCED" in table and "| δ = 0.5 | 90.1 (0.4) | 89.5 (0.3) |" in table and "| K = 5 |" in table
     assert (tmp_path / "res" / "lm_ptb_figure1.png").stat().st_size > 1000
+
+
+def test_a_task_s_own_metrics_are_columns_of_metrics_csv(tmp_path):
+    """metrics_fn adds columns after METRIC_COLUMNS; they survive resume and load_metrics."""
+    from npbptt.runfiles import METRIC_COLUMNS, load_metrics
+    from npbptt.train import train
+    calls = []
+
+    def extra(net, valid, test, backend):
+        calls.append(backend)
+        return {"valid_tokens": int(valid[0].size), "test_mean_target": float(test[1].mean())}
+
+    kw = dict(K=3, T_train=64 * 130, T_eval=640, hidden=4, epochs=1)
+    net, data, cfg, info = prepare("copy", **kw)
+    train(net, data, cfg, out=tmp_path / "r", progress=False, info=info, metrics_fn=extra)
+    net, data, cfg, info = prepare("copy", **{**kw, "epochs": 2})
+    train(net, data, cfg, out=tmp_path / "r", resume=True, progress=False, info=info, metrics_fn=extra)
+    rows = load_metrics(tmp_path / "r")
+    header = (tmp_path / "r" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header == list(METRIC_COLUMNS) + ["valid_tokens", "test_mean_target"]
+    assert len(calls) == 2 and [r["valid_tokens"] for r in rows] == [640, 640]
+    assert rows[0]["test_mean_target"] == pytest.approx(float(data.test[1].mean()), rel=1e-12)

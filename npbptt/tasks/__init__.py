@@ -60,7 +60,8 @@ def prepare(task, *, K=None, delta=None, seed=0, dtype="float64", data_dir=None,
     for k in ("K", "delta", "seed"):
         train_kw.pop(k, None)
     values = task.values(task_kw, quick)
-    config = TrainConfig(K=K, delta=delta, seed=int(seed), **task.training(train_kw, quick))
+    config = TrainConfig(K=K, delta=delta, seed=int(seed),
+                         **{"loss": task.loss, **task.training(train_kw, quick)})
     where = data_dir_of(task, data_dir)
     try:
         net, data = task.build(values, int(seed), dtype, where)
@@ -82,10 +83,11 @@ def train_task(task, out=None, *, K=None, delta=None, seed=0, dtype="float64", d
     (default: the NPBPTT_DATA environment variable).  ``seed`` seeds the initial parameters and
     every random choice of the run.  Returns :class:`npbptt.train.TrainResult`.
     """
+    task = get_task(task) if isinstance(task, str) else task
     net, data, config, info = prepare(task, K=K, delta=delta, seed=seed, dtype=dtype,
                                       data_dir=data_dir, quick=quick, **settings)
     return train(net, data, config, out=out, resume=resume, progress=progress, info=info,
-                 label=label)
+                 label=label, metrics_fn=task.metrics)
 
 
 def train_copy(out=None, *, K=None, delta=None, seed=0, resume=False, progress=True, label=None,

@@ -93,6 +93,9 @@ class Task:
     needs_data : the task reads files from a data directory (``data_dir`` / ``NPBPTT_DATA``)
     stream_steps : ``stream_steps(values) -> (T, setting)``: the steps of each training stream
         and the setting that decides it, when known before the data are read (else None)
+    metrics : None, or ``metrics(net, valid, test, backend) -> dict``: the task's own columns of
+        ``metrics.csv`` (:func:`npbptt.train.train`'s ``metrics_fn``)
+    loss : the per-step loss of :data:`npbptt.losses.LOSSES` the task trains
     """
     name: str
     title: str
@@ -102,6 +105,8 @@ class Task:
     build: object
     needs_data: bool = False
     stream_steps: object = None
+    metrics: object = None
+    loss: str = "cross_entropy"
     by_key: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
