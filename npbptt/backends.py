@@ -6,6 +6,8 @@ equal it):
     "bptt"        (net, x, y, S, K1, K2, loss) -> (loss, grads, S_T)   npbptt.bptt.bptt_reference
     "step_losses" (net, x, y, S, loss)         -> (L (T,), S_T)        npbptt.bptt.step_losses_reference
     "grad_norms"  (net, x, y, S, loss)         -> phi (T, B)           npbptt.probe.grad_norms_reference
+    "grad_norms_param" (net, x, y, S, loss)    -> psi (T, B)           npbptt.probe.param_norms_reference
+                                                  (reference only for now: every backend runs it)
 
 Only the references take dropout masks (keyword ``masks``, an ``npbptt.model.DropoutMasks``);
 :func:`resolve` with ``masked=True`` returns them whatever the backend.
@@ -23,7 +25,9 @@ _REFERENCE = {
     "bptt": ("npbptt.bptt", "bptt_reference"),
     "step_losses": ("npbptt.bptt", "step_losses_reference"),
     "grad_norms": ("npbptt.probe", "grad_norms_reference"),
+    "grad_norms_param": ("npbptt.probe", "param_norms_reference"),
 }
+_REFERENCE_ONLY = ("grad_norms_param",)      # no kernel yet: the checked backend runs the reference
 _KERNEL_MODULE = {"numba": "npbptt.kernels.cpu", "cuda": "npbptt.kernels.gpu"}
 
 
@@ -69,6 +73,11 @@ def resolve(op, backend=None, net=None, masked=False):
         module, name = _REFERENCE[op]
         return getattr(importlib.import_module(module), name)
     mod = _kernel_module(backend)
+    if op in _REFERENCE_ONLY and mod is not None:
+        if backend == "cuda" and not mod.is_available():
+            raise ValueError("backend 'cuda' needs an NVIDIA GPU (or NUMBA_ENABLE_CUDASIM=1); none found")
+        module, name = _REFERENCE[op]
+        return getattr(importlib.import_module(module), name)
     if mod is None or not hasattr(mod, op):
         raise ValueError(f"backend {backend!r} is not available here for {op!r} "
                          f"(available: {available()})")

@@ -23,6 +23,16 @@ Notes
 * Underflow: P[phi_k] = 0 gives log 0 = -inf. A slope with a zero endpoint is taken as -inf (no
   finite information, decay into underflow); OLS fits only the positive points. With fewer than
   two positive points on the window every estimator returns beta_hat = 0.0.
+* norm="param" (issue 20, beyond the paper): every estimator accepts psi in place of phi,
+  psi[k, s] = ||dL_s/dS_{s-k} . dS_{s-k}/dtheta|| (``npbptt.grad_norms(..., norm="param")``).
+  Then sum_{k>K} E[psi_k] bounds the bias itself (triangle inequality), so M = 1 and (A-2) is
+  not needed: E_hat refuses any other M.  Under an (A-1)-like geometric decay of E[psi_k] the
+  same Eqs. (20)-(25) apply unchanged: beta_hat fits the decay of P[psi_k], E_hat (M = 1)
+  estimates sum_{k>K} E[psi_k], and C(K) = P[sum_{k<=K} psi_k] replaces Sec. 4.3's stand-in
+  for ||P[g_K]|| (by the triangle inequality C(K) bounds ||P[g_K]|| minus the read-out's direct
+  term from above; like Sec. 4.3's, Delta_hat is an estimate, not a bound).  The arithmetic is
+  identical for both norms; ``norm`` selects the documented meaning, M's check and the names
+  in the errors ("phi" / "psi").
 * variant="authors" reproduces github.com/aicherc/adaptive_tbptt (tbptt/adaptive_truncation.py)
   where it differs from the paper: see :func:`beta_hat`, :func:`E_hat`, :func:`Delta_hat`. Its
   numerical guards (adding 1e-100 before the log, OLS dropping log values < -50) are replaced by
@@ -70,12 +80,24 @@ def _array(x, name, ndim, what):
     return a
 
 
-def _check_phi(phi):
-    return _array(phi, "phi", 2, "a 2-D array (R+1, S) with R+1 >= 2 lags, S >= 1 examples")
+_NORMS = ("state", "param")
 
 
-def _check_curve(phi_mean):
-    return _array(phi_mean, "phi_mean", 1, "a 1-D array of R+1 >= 2 mean gradient norms")
+def _check_norm(norm):
+    if norm not in _NORMS:
+        raise ValueError(f"norm: expected one of {_NORMS} ('state': phi of Eq. (18); 'param': "
+                         f"psi, issue 20, M = 1), got {norm!r}")
+    return "phi" if norm == "state" else "psi"
+
+
+def _check_phi(phi, norm="state"):
+    return _array(phi, _check_norm(norm), 2,
+                  "a 2-D array (R+1, S) with R+1 >= 2 lags, S >= 1 examples")
+
+
+def _check_curve(phi_mean, norm="state"):
+    return _array(phi_mean, _check_norm(norm) + "_mean", 1,
+                  "a 1-D array of R+1 >= 2 mean gradient norms")
 
 
 def _check_tau(tau_hat, R, default=True):
@@ -116,12 +138,13 @@ def _log(x):
 
 
 # --- Eq. (20)-(22): empirical mean and decay rate ------------------------------------------------
-def P_hat(phi):
-    """Eq. (20): P_S[phi_k] = (1/S) sum_s phi[k, s]. ``phi`` (R+1, S) -> (R+1,)."""
-    return _check_phi(phi).mean(axis=1)
+def P_hat(phi, norm="state"):
+    """Eq. (20): P_S[phi_k] = (1/S) sum_s phi[k, s]. ``phi`` (R+1, S) -> (R+1,).
+    ``norm="param"``: ``phi`` is psi (module Notes)."""
+    return _check_phi(phi, norm).mean(axis=1)
 
 
-def beta_hat(phi_mean, tau_hat=None, method="max", alpha=0.1, variant="paper"):
+def beta_hat(phi_mean, tau_hat=None, method="max", alpha=0.1, variant="paper", norm="state"):
     """Estimate beta of (A-1), Eq. (7), from y_k = log P[phi_k] on the window [tau_hat, R].
 
     ``phi_mean`` (R+1,); ``tau_hat`` int in [0, R), default floor(9R/10). Returns a float >= 0.
@@ -134,8 +157,9 @@ def beta_hat(phi_mean, tau_hat=None, method="max", alpha=0.1, variant="paper"):
     variant="authors": the max uses only the pairs (tau_hat, k'), k' > tau_hat; the least squares
     fits the whole curve [0, R], ignoring tau_hat; the quantile is as in the paper. Slopes with a
     zero endpoint are -inf; fewer than two positive P[phi_k] on the window -> 0.0 (module Notes).
+    ``norm="param"``: the decay of P[psi_k] (issue 20; module Notes).
     """
-    p = _check_curve(phi_mean)
+    p = _check_curve(phi_mean, norm)
     R = p.size - 1
     tau = _check_tau(tau_hat, R)
     _check_options(variant, method, alpha)
@@ -178,7 +202,7 @@ def _log_E(logp, K, beta, tau, variant):
     return out
 
 
-def E_hat(phi_mean, K, beta, tau_hat, M=1.0, variant="paper"):
+def E_hat(phi_mean, K, beta, tau_hat, M=1.0, variant="paper", norm="state"):
     """Eq. (23), the estimated absolute-bias bound, computed in log space.
 
     ``phi_mean`` (R+1,); ``K`` int or int array >= 0 (may exceed R: the geometric tail
@@ -191,11 +215,17 @@ def E_hat(phi_mean, K, beta, tau_hat, M=1.0, variant="paper"):
     variant="authors" (their log_abs_error_estimate): for K < tau_hat the sum starts at k = K and
     counts phi_tau twice, M (sum_{k=K}^{tau} P[phi_k] + P[phi_tau] / (1 - beta)). Both variants
     count lag K for K >= tau_hat (module Notes).
+
+    ``norm="param"``: ``phi_mean`` is P[psi_k] and M must be 1 (psi needs no (A-2)): the
+    estimate of sum_{k>K} E[psi_k] (issue 20).
     """
-    p = _check_curve(phi_mean)
+    p = _check_curve(phi_mean, norm)
     tau, K, beta = _check_tau(tau_hat, p.size - 1, default=False), _check_K(K), _check_beta(beta)
     if not _is_real(M) or not 0 < M < np.inf:
         raise ValueError(f"M: expected a finite real number > 0, got {M!r}")
+    if norm == "param" and M != 1:
+        raise ValueError(f"M: must be 1 with norm='param' (psi bounds the bias with no M, "
+                         f"no (A-2)), got {M!r}")
     _check_options(variant)
     if beta >= 1:
         return np.full(K.shape, np.inf)[()]
@@ -221,18 +251,18 @@ def _cum(p, K, beta, tau):
     return out
 
 
-def cumulative_norm(phi_mean, K, beta, tau_hat):
+def cumulative_norm(phi_mean, K, beta, tau_hat, norm="state"):
     """C(K) = P[sum_{k=0}^{K} phi_k], the stand-in for ||P[g_K / M]|| in Eq. (24) (Sec. 4.3).
 
     ``phi_mean`` (R+1,), ``K`` int or int array >= 0 -> K's shape. For K > R the lags R+1..K are
-    extrapolated by P[phi_tau] beta^(k - tau) (module Notes).
+    extrapolated by P[phi_tau] beta^(k - tau) (module Notes).  ``norm="param"``: of psi.
     """
-    p = _check_curve(phi_mean)
+    p = _check_curve(phi_mean, norm)
     tau, K, beta = _check_tau(tau_hat, p.size - 1, default=False), _check_K(K), _check_beta(beta)
     return _cum(p, np.atleast_1d(K), beta, tau).reshape(K.shape)[()]
 
 
-def Delta_hat(phi_mean, K, beta, tau_hat, variant="paper"):
+def Delta_hat(phi_mean, K, beta, tau_hat, variant="paper", norm="state"):
     """Eq. (24), the estimated relative-bias bound, with M cancelled (Sec. 4.3):
 
         Delta_hat(K) = E_hat(K) / max_{k <= K} (C(k) - E_hat(k)),   E_hat with M = 1,
@@ -244,8 +274,10 @@ def Delta_hat(phi_mean, K, beta, tau_hat, variant="paper"):
     -----
     variant="authors" (their log_lower_total_grad_norm_estimate): E_hat of that variant and the
     denominator max_{0 <= k <= R} (C(k) - E_hat(k)) over the whole window, the same for every K.
+
+    norm="param": of psi, M = 1 (no M to cancel), C(K) = P[sum_{k<=K} psi_k] (module Notes).
     """
-    p = _check_curve(phi_mean)
+    p = _check_curve(phi_mean, norm)
     tau, K, beta = _check_tau(tau_hat, p.size - 1, default=False), _check_K(K), _check_beta(beta)
     _check_options(variant)
     K1 = np.atleast_1d(K)
@@ -272,24 +304,31 @@ def Delta_hat(phi_mean, K, beta, tau_hat, variant="paper"):
 
 
 # --- Eq. (25): adaptive truncation ------------------------------------------------------------
-def delta_hat(phi, K, tau_hat=None, method="ols", alpha=0.1, variant="paper"):
+def delta_hat(phi, K, tau_hat=None, method="ols", alpha=0.1, variant="paper", norm="state"):
     """The estimated relative bias Delta_hat(K) (Eq. 24) of truncation K, from ``phi`` (R+1, S),
-    beta estimated as in :func:`kappa_hat` (used to report the delta of fixed-K runs)."""
-    p = P_hat(phi)
+    beta estimated as in :func:`kappa_hat` (used to report the delta of fixed-K runs).
+    ``norm="param"``: from psi (module Notes)."""
+    p = P_hat(phi, norm)
     tau = _check_tau(tau_hat, p.size - 1)
     b = beta_hat(p, tau, method, alpha, variant)
     return Delta_hat(p, K, b, tau, variant)
 
 
-def kappa_hat(phi, delta, K_min, K_max, tau_hat=None, method="ols", alpha=0.1, variant="paper"):
+def kappa_hat(phi, delta, K_min, K_max, tau_hat=None, method="ols", alpha=0.1, variant="paper",
+              norm="state"):
     """Eq. (25): the smallest K in [K_min, K_max] with Delta_hat(K) < delta. Returns a Truncation.
 
     ``phi`` (R+1, S) finite, >= 0, R+1 >= 2; ``delta`` in (0, 1); 1 <= K_min <= K_max;
     ``tau_hat`` in [0, R) (default floor(9R/10)); ``method``/``alpha``/``variant`` as in beta_hat.
     beta_hat >= 1 -> K_max, "beta_ge_1"; no K meets delta -> K_max, "no_K_meets_delta"; all phi zero
     -> K_min, "underflow" (Delta_hat is then 0/0, reported as inf). Memory O(K_max - K_min).
+
+    Notes
+    -----
+    norm="param" (issue 20): ``phi`` is psi from ``npbptt.grad_norms(..., norm="param")``; M = 1
+    and no (A-2); the same Eqs. (20)-(25) on P[psi_k] (module Notes).
     """
-    p = P_hat(phi)
+    p = P_hat(phi, norm)
     tau = _check_tau(tau_hat, p.size - 1)
     if not _is_real(delta) or not 0 < delta < 1:
         raise ValueError(f"delta: expected a real number in (0, 1), got {delta!r}")

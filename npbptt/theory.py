@@ -68,6 +68,11 @@ Notes
   E[phi_k] includes the zeros of the sources s <= k (it is sum_{s>k} / T).
 * kappa searches every K >= 0, including K >= T-1 where E[g_hat_K] = g and Delta(K) keeps
   decreasing (in closed form); ``None`` when no K reaches Delta < delta (g = 0).
+* psi (issue 20, ``norm="param"``): psi_k(s, b) = ||d ell_s^(b)/dS_{s-k} . dH_{s-k}/dtheta||
+  over the same parameters (``npbptt.probe.step_param_norms``), 0 for s - k < 1.  The bias is
+  ||E[sum_{k>K} term_k]|| <= sum_{k>K} E[psi_k] (the triangle inequality alone: no M, no
+  (A-1)); ||g|| >= ||E g_hat_k|| - sum_{j>k} E[psi_j] gives the relative bound
+  Delta_psi(K) = sum_{k>K} E[psi_k] / max_{k<=K} (||E g_hat_k|| - sum_{j>k} E[psi_j]).
 * Everything is computed in float64 (a float64 copy of a float32 network).  Memory: the stacked
   caches, O(T*B*H) per layer, and the (T, B) norms; :func:`theory_curves` also keeps the (T, P)
   lag terms G_j to sum every tail exactly.
@@ -78,9 +83,10 @@ import math
 import numpy as np
 
 from .losses import LOSSES
+from .probe import step_param_norms
 from .validate import check_inputs
 
-__all__ = ["phi_mean", "phi_table", "jacobian_bound", "full_gradient",
+__all__ = ["phi_mean", "phi_table", "psi_mean", "psi_table", "param_bias_bound", "jacobian_bound", "full_gradient",
            "expected_truncated_gradient", "bias", "relative_bias", "bias_bound",
            "relative_bias_bound", "decay_rate", "kappa", "theory_curves", "TheoryCurves"]
 
@@ -379,6 +385,38 @@ def phi_table(net, x, y, state, loss="cross_entropy"):
     return table
 
 
+def psi_table(net, x, y, state, loss="cross_entropy"):
+    """Every psi_k(s, b) (issue 20): (T, T, B), ``[s-1, k, b]`` = ||d ell_s^(b)/dS_{s-k} .
+    dH_{s-k}/dtheta|| for s - k >= 1, else 0.  Row s-1 equals ``npbptt.grad_norms(net, x[:s],
+    y[:s], state, norm="param")`` padded with zeros."""
+    p = _forward(net, x, y, state, loss)
+    T, B = p.T, p.B
+    table = np.zeros((T, T, B))
+    for j, d, _ in _lag_sweep(p, T - 1):
+        table[j:, j, :] = _psi_rows(p, j, d).reshape(T - j, B)
+    return table
+
+
+def _psi_rows(p, j, d):
+    return step_param_norms(p.net, _rows(p.cache, 0, (p.T - j) * p.B), d)
+
+
+def psi_mean(net, x, y, state, loss="cross_entropy"):
+    """The exact E[psi_k], k = 0..T-1 (issue 20): (T,), the mean over s in 1..T and the batch of
+    ||d ell_s^(b)/dS_{s-k} . dH_{s-k}/dtheta|| (0 for s - k < 1)."""
+    p = _forward(net, x, y, state, loss)
+    out = np.zeros(p.T)
+    for j, d, _ in _lag_sweep(p, p.T - 1):
+        out[j] = _psi_rows(p, j, d).sum() / (p.T * p.B)
+    return out
+
+
+def param_bias_bound(net, x, y, state, K, loss="cross_entropy"):
+    """sum_{k>K} E[psi_k] (issue 20): a bound on :func:`bias` with no M and no (A-1)."""
+    K = _int(K, "K")
+    return float(psi_mean(net, x, y, state, loss)[K + 1:].sum())
+
+
 def phi_mean(net, x, y, state, loss="cross_entropy"):
     """The exact E[phi_k] for k = 0..T-1: (T,) array, the mean over s in 1..T and the batch of
     ||d ell_s^(b)/dS_{s-k}|| (0 for s - k < 1).  O(T^2) VJP rows in T batched calls."""
@@ -546,6 +584,7 @@ class TheoryCurves:
     bias : (T,) ||E[g_hat_K] - g||, each summed from its own tail of lag terms
     relative_bias : (T,) bias / ||g||
     M : the bound of (A-2) (:func:`jacobian_bound`)
+    psi_mean : (T,) E[psi_k] (issue 20) with ``theory_curves(..., psi=True)``, else None
     """
     phi_mean: np.ndarray
     g_norm: float
@@ -553,6 +592,28 @@ class TheoryCurves:
     bias: np.ndarray
     relative_bias: np.ndarray
     M: float
+    psi_mean: np.ndarray = None
+
+    def _psi(self):
+        if self.psi_mean is None:
+            raise ValueError("psi_mean: computed only by theory_curves(..., psi=True)")
+        return self.psi_mean
+
+    def param_bias_bound(self):
+        """(T,) sum_{k>K} E[psi_k] for K = 0..T-1: bounds ``bias`` (no M, no (A-1))."""
+        psi = self._psi()
+        return np.concatenate([np.cumsum(psi[::-1])[::-1][1:], [0.0]])
+
+    def param_relative_bias_bound(self):
+        """(T,) Delta_psi(K) = sum_{k>K} E psi_k / max_{k<=K} (||E g_hat_k|| - sum_{j>k} E psi_j),
+        inf where the denominator is not positive: bounds ``relative_bias``."""
+        return _Delta(self.param_bias_bound(), self.g_hat_norm)
+
+    def param_kappa(self, delta):
+        """The smallest K >= 0 with Delta_psi(K) < delta (K = T-1 at the latest: its bound is 0
+        when ||g|| > 0), or None."""
+        hit = np.flatnonzero(self.param_relative_bias_bound() < _delta(delta))
+        return int(hit[0]) if hit.size else None
 
     def decay_rate(self, tau):
         """As :func:`decay_rate`."""
@@ -574,14 +635,16 @@ class TheoryCurves:
                       self.g_norm, _delta(delta), _variant(variant))
 
 
-def theory_curves(net, x, y, state, loss="cross_entropy", M=None, progress=False):
+def theory_curves(net, x, y, state, loss="cross_entropy", M=None, progress=False, psi=False):
     """:class:`TheoryCurves` for K = 0..T-1 in one lag sweep (O(T^2) VJP rows, T batched
     calls) plus :func:`jacobian_bound` (unless ``M`` is given).  The bias of every K is summed
-    from its own lag terms G_{K+1}, ..., G_{T-1} (kept, (T, P) floats)."""
+    from its own lag terms G_{K+1}, ..., G_{T-1} (kept, (T, P) floats).  ``psi=True`` also
+    fills ``psi_mean`` (E[psi_k], issue 20) in the same sweep."""
     M = jacobian_bound(net, x, state, progress=progress) if M is None else _M(M)
     p = _forward(net, x, y, state, loss)
     T, B = p.T, p.B
     phi = np.zeros(T)
+    psi_m = np.zeros(T) if psi else None
     G = np.zeros((T, sum(p.net.params[k].size for k in p.keys)))
     sweep = _lag_sweep(p, T - 1)
     if progress:
@@ -590,6 +653,8 @@ def theory_curves(net, x, y, state, loss="cross_entropy", M=None, progress=False
     for j, d, Gj in sweep:
         phi[j] = _row_norms(d).sum() / (T * B)
         G[j] = Gj
+        if psi:
+            psi_m[j] = _psi_rows(p, j, d).sum() / (T * B)
     dec2 = float(p.direct @ p.direct)
     prefix = np.cumsum(G, axis=0) + p.direct_state          # sum_{j<=K} G_j (+ tied read-out)
     tails = np.zeros_like(G)
@@ -598,4 +663,4 @@ def theory_curves(net, x, y, state, loss="cross_entropy", M=None, progress=False
     g_norm = float(g_hat[-1])
     b = np.sqrt((tails * tails).sum(axis=1)) / (T * B)
     rel = b / g_norm if g_norm > 0 else np.full(T, np.nan)
-    return TheoryCurves(phi, g_norm, g_hat, b, rel, M)
+    return TheoryCurves(phi, g_norm, g_hat, b, rel, M, psi_m)
