@@ -3,6 +3,8 @@
     npbptt train copy --delta 0.1 --quick --out runs/copy-quick      # adaptive TBPTT, short copy task
     npbptt train copy --K 15 --m 10 --epochs 50 --out runs/K15       # fixed K, full-size data
     npbptt train copy --out runs/K15 --resume --epochs 80            # continue a run
+    npbptt train ptb --delta 0.1 --dtype float32 --data-dir ../shared/data   # §5.2, Table C.2
+    npbptt train book-order --quick --K 6 --data-dir ../shared/data  # App. C.3, Table C.3
     npbptt sweep copy --K 5 10 15 20 30 --delta 0.9 0.5 0.1 --seeds 3 --jobs 2 --out runs/copy
     npbptt plot runs/copy                                           # Figure 1, C.1 and 3 as PNG
     npbptt crosscheck ...                                           # see npbptt.crosscheck
@@ -362,7 +364,8 @@ def _cmd_train(a):
 
 
 # --- sweep -------------------------------------------------------------------------------------
-_TABLES = {"copy": "table_c1.md", "ptb": "table_c2.md", "wikitext2": "table_c2.md"}
+_TABLES = {"copy": "table_c1.md", "ptb": "table_c2.md", "wikitext2": "table_c2.md",
+           "book-order": "table_c3.md"}
 
 
 def _sweep_job(out, task, K, delta, seed, kwargs):

@@ -245,17 +245,31 @@ def _fmt(v, nd=4):
     return str(v)
 
 
-def format_metrics(metrics, columns=("epoch", "data_passes", "K", "delta_hat", "beta_hat",
-                                     "train_loss", "valid_ppl", "test_ppl", "seconds")):
-    """A Markdown table of per-epoch metrics, then the best epoch (lowest validation PPL)."""
+_NLL_COLUMNS = ("epoch", "data_passes", "K", "delta_hat", "beta_hat", "train_loss", "valid_nll",
+                "test_nll", "test_rmse", "test_error", "seconds")
+
+
+def format_metrics(metrics, columns=None):
+    """A Markdown table of per-epoch metrics, then the best epoch (lowest validation loss).
+    ``columns`` default: the perplexity columns, or Table C.3's (``valid_nll``, ...) for a task
+    that writes them (Book Order)."""
+    nll = bool(metrics) and "valid_nll" in metrics[0]
+    if columns is None:
+        columns = _NLL_COLUMNS if nll else ("epoch", "data_passes", "K", "delta_hat", "beta_hat",
+                                            "train_loss", "valid_ppl", "test_ppl", "seconds")
     head = "| " + " | ".join(columns) + " |"
     rule = "|" + "|".join("---:" for _ in columns) + "|"
-    nd = {"data_passes": 3, "seconds": 1, "delta_hat": 3, "beta_hat": 3}
+    nd = {"data_passes": 3, "seconds": 1, "delta_hat": 3, "beta_hat": 3, "test_rmse": 6}
     lines = [head, rule] + ["| " + " | ".join(_fmt(r.get(c), nd.get(c, 4)) for c in columns) + " |"
                             for r in metrics]
     if metrics:
         r = min(metrics, key=lambda r: r["valid_ppl"])
         lines.append("")
-        lines.append(f"best valid PPL {_fmt(r['valid_ppl'])} at epoch {r['epoch']} "
-                     f"(data passes {_fmt(r['data_passes'], 3)}): test PPL {_fmt(r['test_ppl'])}")
+        if nll:
+            lines.append(f"best valid NLL {_fmt(r['valid_nll'])} at epoch {r['epoch']} (data passes "
+                         f"{_fmt(r['data_passes'], 3)}): test NLL {_fmt(r['test_nll'])}, RMSE(t) "
+                         f"{_fmt(r['test_rmse'], 6)}, 0-1 loss {_fmt(r['test_error'])}")
+        else:
+            lines.append(f"best valid PPL {_fmt(r['valid_ppl'])} at epoch {r['epoch']} "
+                         f"(data passes {_fmt(r['data_passes'], 3)}): test PPL {_fmt(r['test_ppl'])}")
     return "\n".join(lines)

@@ -226,3 +226,25 @@ def test_a_task_s_own_metrics_are_columns_of_metrics_csv(tmp_path):
     assert header == list(METRIC_COLUMNS) + ["valid_tokens", "test_mean_target"]
     assert len(calls) == 2 and [r["valid_tokens"] for r in rows] == [640, 640]
     assert rows[0]["test_mean_target"] == pytest.approx(float(data.test[1].mean()), rel=1e-12)
+
+
+@needs_data
+def test_book_order_quick_end_to_end_metrics_and_resume(capsys, tmp_path):
+    """npbptt train book-order --quick: Table C.3's columns in metrics.csv, bit-exact resume."""
+    common = ["--delta", "0.5", "--data-dir", str(DATA), "--quick", "--no-progress"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    code, out, err = run(capsys, "train", "book-order", *common, "--epochs", "2", "--out", str(whole))
+    assert code == 0, err
+    assert "best valid NLL" in out and "RMSE(t)" in out
+    code, _, err = run(capsys, "train", "book-order", *common, "--epochs", "1", "--out", str(part))
+    assert code == 0, err
+    code, _, err = run(capsys, "train", "book-order", "--out", str(part), "--resume", "--epochs",
+                       "2", "--no-progress")
+    assert code == 0, err
+    a, b = load_checkpoint(whole / "checkpoint.npz")[0], load_checkpoint(part / "checkpoint.npz")[0]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    rows = read_csv(whole / "metrics.csv")
+    for r in rows:
+        assert r["valid_nll"] == pytest.approx(r["valid_loss"], rel=1e-9)    # same per-event NLL
+        assert 0 <= r["test_error"] <= 1 and r["test_rmse"] > 0
+    assert json.loads((whole / "config.json").read_text())["train"]["loss"] == "rmtpp"

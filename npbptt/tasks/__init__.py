@@ -3,6 +3,7 @@
     copy       synthetic copy task (§5.1, Table C.1)
     ptb        Penn Treebank language model (§5.2, Table C.2)
     wikitext2  WikiText-2 language model (§5.2, Table C.2)
+    book-order Book Order marked point process (Appendix C.3, Table C.3)
 
 A task decides its model, data and defaults (:mod:`npbptt.tasks.base`); everything else -- the
 progress bar, the run directory, ``metrics.csv``, atomic checkpoints, bit-exact resume,
@@ -17,12 +18,13 @@ import numpy as np
 from ..train import TrainConfig, train
 from .base import COMMON_INFO, DTYPES, Setting, Task
 from .copy import COPY
+from .book_order import BOOK_ORDER
 from .language import PTB, WIKITEXT2
 
 __all__ = ["TASKS", "Task", "Setting", "get_task", "train_task", "train_copy", "resume_run",
            "read_config", "data_dir_of", "DTYPES"]
 
-TASKS = {t.name: t for t in (COPY, PTB, WIKITEXT2)}
+TASKS = {t.name: t for t in (COPY, PTB, WIKITEXT2, BOOK_ORDER)}
 _CONFIG_FIELDS = set(TrainConfig.__dataclass_fields__)
 
 
