@@ -59,6 +59,8 @@ _TRAIN_HELP = {
     "beta_alpha": (float, "quantile level alpha of --method quantile"),
     "variant": (str, "bias bounds as printed (paper) or as the authors' code"),
     "delta_probes": (int, "probes per epoch measuring delta_hat(K) for metrics.csv"),
+    "norm": (str, "probe norm: state (phi, Eq. 18, the paper) or param (psi: the bias in parameter "
+                  "space, issue 20)"),
 }
 
 

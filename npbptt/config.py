@@ -12,9 +12,11 @@ from .backends import BACKENDS
 from .losses import LOSSES
 from .validate import is_int
 
-__all__ = ["TrainConfig", "RESUMABLE", "is_real"]
+__all__ = ["TrainConfig", "RESUMABLE", "ADDED_LATER", "is_real"]
 
 RESUMABLE = ("epochs", "backend")      # the only settings a resumed run may change
+# fields added after runs were first written: a config.json without them holds these values
+ADDED_LATER = {"norm": "state"}
 
 
 def is_real(v):
@@ -38,6 +40,9 @@ class TrainConfig:
     tau_hat, method, beta_alpha, variant : as :func:`npbptt.bounds.kappa_hat` (``beta_alpha``
         is its ``alpha``, the quantile level)
     delta_probes : probes per epoch measuring Delta_hat(K) for the metrics (0: none)
+    norm : "state" (the paper: phi_k of Eq. 18, ||dL/dS_{s-k}||) or "param" (issue 20, beyond the
+        paper: psi_k = ||dL/dS_{s-k} . dS_{s-k}/dtheta||, bounds with M = 1); every probe of the
+        run -- kappa_hat, delta_hat, Figure 3 -- uses it
     loss : "cross_entropy" or "mse"; backend : as :func:`npbptt.bptt`
     seed : seeds every random choice of the run (probe windows)
     """
@@ -58,6 +63,7 @@ class TrainConfig:
     beta_alpha: float = 0.1
     variant: str = "paper"
     delta_probes: int = 10
+    norm: str = "state"
     loss: str = "cross_entropy"
     backend: str | None = None
     seed: int = 0
@@ -93,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"method: expected 'max', 'quantile' or 'ols', got {self.method!r}")
         if not is_real(self.beta_alpha) or not 0 <= self.beta_alpha < 1:
             raise ValueError(f"beta_alpha: expected a real number in [0, 1), got {self.beta_alpha!r}")
+        if self.norm not in ("state", "param"):
+            raise ValueError(f"norm: expected 'state' or 'param', got {self.norm!r}")
         if self.variant not in ("paper", "authors"):
             raise ValueError(f"variant: expected 'paper' or 'authors', got {self.variant!r}")
         if self.loss not in LOSSES:
@@ -107,4 +115,4 @@ class TrainConfig:
     def bounds_options(self):
         """Keyword arguments of :func:`npbptt.bounds.kappa_hat` / ``delta_hat``."""
         return dict(tau_hat=self.tau_hat, method=self.method, alpha=self.beta_alpha,
-                    variant=self.variant)
+                    variant=self.variant, norm=self.norm)

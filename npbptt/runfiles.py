@@ -18,7 +18,7 @@ import numpy as np
 
 from .checkpoint import (RunFileError, load_checkpoint, read_csv, read_json, rng_from_state,
                          rng_state, save_checkpoint, write_csv)
-from .config import RESUMABLE, TrainConfig, is_real
+from .config import ADDED_LATER, RESUMABLE, TrainConfig, is_real
 from .validate import is_int
 
 __all__ = ["CHECKPOINT", "METRICS", "CONFIG", "PHI_BEST", "METRIC_COLUMNS", "RunFileError",
@@ -94,6 +94,8 @@ def read_config(out):
     unknown = sorted(set(doc["train"]) - names)
     if unknown:
         raise RunFileError(f"{path}: unknown training setting 'train.{unknown[0]}'")
+    for k, v in ADDED_LATER.items():               # a run written before the field existed
+        doc["train"].setdefault(k, v)
     missing = [n for n in names if n not in doc["train"]]
     if missing:
         raise RunFileError(f"{path}: training setting 'train.{sorted(missing)[0]}' missing")
@@ -131,7 +133,8 @@ def check_run_dir(out):
 def same_run(where, stored, model, data_sha256, net, cfg, digest):
     """ValueError unless the stored settings (at ``where``) are those of ``cfg``, ``net``, the data."""
     for f in fields(TrainConfig):
-        if f.name not in RESUMABLE and stored.get(f.name) != getattr(cfg, f.name):
+        was = stored.get(f.name, ADDED_LATER.get(f.name))      # absent: a run before the field
+        if f.name not in RESUMABLE and was != getattr(cfg, f.name):
             raise ValueError(f"config: {f.name}={getattr(cfg, f.name)!r} differs from the run's "
                              f"{stored.get(f.name)!r}; a resumed run may change only {RESUMABLE}")
     if model != model_info(net):

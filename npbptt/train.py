@@ -95,8 +95,9 @@ class TrainResult:
 
 
 # --- the pieces of Algorithm 1 -----------------------------------------------------------------
-def probe_phi(net, x, y, W, burnin, rng, loss="cross_entropy", backend=None):
-    """Algorithm 1, lines 3-4: phi (W + 1, B), phi[k, b] = ||d ell^(b)_s / d S_{s-k}|| (Eq. 18).
+def probe_phi(net, x, y, W, burnin, rng, loss="cross_entropy", backend=None, norm="state"):
+    """Algorithm 1, lines 3-4: phi (W + 1, B), phi[k, b] = ||d ell^(b)_s / d S_{s-k}|| (Eq. 18)
+    (``norm="param"``: psi, :func:`npbptt.grad_norms`).
 
     Every stream b gets its own random window: ``burnin`` steps advanced from the zero state, then
     the W + 1 steps of BPTT(W, 1) (:func:`npbptt.grad_norms`).  ``x``, ``y``: (T, B, ...) streams;
@@ -114,7 +115,7 @@ def probe_phi(net, x, y, W, burnin, rng, loss="cross_entropy", backend=None):
     state = net.init_state(B)
     if burnin:
         state = step_losses(net, xw[:burnin], yw[:burnin], state, loss, backend)[1]
-    return grad_norms(net, xw[burnin:], yw[burnin:], state, loss, backend)
+    return grad_norms(net, xw[burnin:], yw[burnin:], state, loss, backend, norm=norm)
 
 
 def sgd_step(params, grads, lr, K, weight_decay=0.0, clip=None):
@@ -157,7 +158,8 @@ def train_epoch(net, x, y, cfg, st, epoch, on_chunk=None):
     loss_sum, K_steps, chunk_no, probe = 0.0, 0.0, 0, None
     for a, b in zip(edges[:-1], edges[1:]):
         if cfg.adaptive and (st.K is None or epoch > 1 or a > 0):
-            phi = probe_phi(net, x, y, cfg.W, cfg.burnin, st.rng_train, cfg.loss, cfg.backend)
+            phi = probe_phi(net, x, y, cfg.W, cfg.burnin, st.rng_train, cfg.loss, cfg.backend,
+                            cfg.norm)
             if not np.all(np.isfinite(phi)):
                 raise _diverged(cfg, st, epoch, chunk_no + 1, "non-finite gradient norms in the probe")
             probe = bounds.kappa_hat(phi, cfg.delta, cfg.K_min, cfg.K_max, **bopt)
@@ -332,7 +334,8 @@ def _train(net, data, config, out, resume, progress, info, label, metrics_fn):
     best_net = net.copy()
     for k in best_net.params:
         best_net.params[k][...] = st.best_params[k]
-    phi_best = probe_phi(best_net, x, y, cfg.W, cfg.burnin, st.rng_diag, cfg.loss, cfg.backend)
+    phi_best = probe_phi(best_net, x, y, cfg.W, cfg.burnin, st.rng_diag, cfg.loss, cfg.backend,
+                         cfg.norm)
     if out is not None:
         save_checkpoint(out / PHI_BEST, {"phi": phi_best}, {"best_epoch": st.best["epoch"]})
     return TrainResult(st.metrics, {k: v.copy() for k, v in net.params.items()}, st.best_params,
@@ -382,11 +385,11 @@ def _delta_estimates(net, x, y, K, cfg, rng, bopt):
     """delta_hat(K) (Eq. 24) and beta_hat (Eq. 21/22) on ``cfg.delta_probes`` fresh probes."""
     d, b = [], []
     for _ in range(cfg.delta_probes):
-        phi = probe_phi(net, x, y, cfg.W, cfg.burnin, rng, cfg.loss, cfg.backend)
+        phi = probe_phi(net, x, y, cfg.W, cfg.burnin, rng, cfg.loss, cfg.backend, cfg.norm)
         if not np.all(np.isfinite(phi)):
             return [math.nan], [math.nan]
-        p = bounds.P_hat(phi)                                                        # Eq. (20)
+        p = bounds.P_hat(phi, bopt["norm"])                                          # Eq. (20)
         b.append(bounds.beta_hat(p, bopt["tau_hat"], bopt["method"], bopt["alpha"],  # Eq. (21)/(22)
-                                 bopt["variant"]))
+                                 bopt["variant"], bopt["norm"]))
         d.append(float(bounds.delta_hat(phi, K, **bopt)))                             # Eq. (24)
     return d, b

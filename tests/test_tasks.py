@@ -248,3 +248,34 @@ def test_book_order_quick_end_to_end_metrics_and_resume(capsys, tmp_path):
         assert r["valid_nll"] == pytest.approx(r["valid_loss"], rel=1e-9)    # same per-event NLL
         assert 0 <= r["test_error"] <= 1 and r["test_rmse"] > 0
     assert json.loads((whole / "config.json").read_text())["train"]["loss"] == "rmtpp"
+
+
+def test_norm_param_trains_on_psi_and_old_runs_without_norm_resume(capsys, tmp_path):
+    """--norm param (issue 20): the run's probes are psi; a config.json written before the
+    field existed resumes as norm="state"."""
+    out = tmp_path / "r"
+    argv = ["--T-train", str(64 * 140), "--T-eval", "640", "--hidden", "4", "--no-progress"]
+    code, _, err = run(capsys, "train", "copy", "--delta", "0.5", "--norm", "param", "--epochs",
+                       "1", *argv, "--out", str(out))
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["train"]["norm"] == "param"
+    code, _, err = run(capsys, "train", "copy", "--K", "3", "--norm", "frobenius", *argv,
+                       "--out", str(tmp_path / "bad"))
+    assert code == 2 and "--norm: expected 'state' or 'param'" in one_line(err)
+    # phi_best.npz holds the probe (psi) at the best parameters
+    phi_best = load_checkpoint(out / "phi_best.npz")[0]["phi"]
+    assert phi_best.shape == (101, 64) and np.all(np.isfinite(phi_best))
+    old = tmp_path / "old"
+    code, _, err = run(capsys, "train", "copy", "--K", "3", "--epochs", "1", *argv, "--out", str(old))
+    assert code == 0, err
+    doc = json.loads((old / "config.json").read_text())
+    del doc["train"]["norm"]
+    (old / "config.json").write_text(json.dumps(doc))
+    from npbptt.checkpoint import save_checkpoint
+    arrays, meta = load_checkpoint(old / "checkpoint.npz")
+    del meta["config"]["norm"]
+    save_checkpoint(old / "checkpoint.npz", arrays, meta)
+    code, _, err = run(capsys, "train", "copy", "--out", str(old), "--resume", "--epochs", "2",
+                       "--no-progress")
+    assert code == 0, err
+    assert len(read_csv(old / "metrics.csv")) == 2
