@@ -126,3 +126,113 @@ def test_rtrl_bad_input_names_the_argument():
                     carry=res.carry)
     with pytest.raises(ValueError, match="K must be"):
         next(online.rtrl_stream(p.net, p.x, p.y, p.state, K=0))
+
+
+# --- UORO ---------------------------------------------------------------------------------------
+def _flat_state(S):
+    return np.concatenate([s.ravel() for s in S])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_uoro_update_matches_its_definition(kind):
+    """Algorithm 1, lines 7-12, with fixed signs nu, against dF/dS and dF/dtheta formed by
+    central finite differences of net.step (the whole batch state as one vector)."""
+    from npbptt.online.common import ParamLayout
+    rng = np.random.default_rng(7)
+    p = make_problem(rng, kind=kind, layers=2, embedding=False, B=2, H=2, E=2, O=2)
+    net, x_t = p.net, p.x[0]
+    S0 = net.to_internal(p.state)
+    layout = ParamLayout(net)
+    s_tilde = tuple(rng.standard_normal(s.shape) for s in S0)
+    th_tilde = rng.standard_normal(layout.size)
+    nu = tuple(np.where(rng.random(s.shape) < 0.5, -1.0, 1.0) for s in S0)
+    eps, n = 1e-6, _flat_state(S0).size
+    shapes = [s.shape for s in S0]
+
+    def unflat(v):
+        out, o = [], 0
+        for sh in shapes:
+            out.append(v[o:o + np.prod(sh)].reshape(sh))
+            o += np.prod(sh)
+        return tuple(out)
+
+    A = np.empty((n, n))
+    for j in range(n):
+        e = unflat(np.eye(n)[j])
+        fp = net.step(tuple(s + eps * d for s, d in zip(S0, e)), x_t)[0]
+        fm = net.step(tuple(s - eps * d for s, d in zip(S0, e)), x_t)[0]
+        A[:, j] = (_flat_state(fp) - _flat_state(fm)) / (2 * eps)
+    Bt = np.empty((n, layout.size))
+    for j in range(layout.size):
+        out = []
+        for sgn in (1.0, -1.0):
+            m = net.copy()
+            for k, d in layout.unflatten(sgn * eps * np.eye(layout.size)[j]).items():
+                m.params[k] = m.params[k] + d
+            out.append(_flat_state(m.step(S0, x_t)[0]))
+        Bt[:, j] = (out[0] - out[1]) / (2 * eps)
+    Js, nv = A @ _flat_state(s_tilde), _flat_state(nu)
+    dth = nv @ Bt
+    rho0 = np.sqrt((np.linalg.norm(th_tilde) + 1e-7) / (np.linalg.norm(Js) + 1e-7))
+    rho1 = np.sqrt((np.linalg.norm(dth) + 1e-7) / (np.linalg.norm(nv) + 1e-7))
+    _, cache = net.step(S0, x_t)
+    s_new, th_new = online.uoro_update(net, cache, layout, s_tilde, th_tilde, nu, eps=1e-7)
+    np.testing.assert_allclose(_flat_state(s_new), rho0 * Js + rho1 * nv, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(th_new, th_tilde / rho0 + dth / rho1, rtol=1e-6, atol=1e-8)
+
+
+def test_uoro_is_unbiased():
+    """Mean of N = 1000 UORO draws against the exact (RTRL) gradient, per component of the
+    state-update parameters, in units of its estimated standard error: a two-sided z-test,
+    Bonferroni-corrected over the m components, at family-wise false-alarm rate alpha = 1e-3
+    (threshold z* = Phi^-1(1 - alpha / (2m)), about 4.3 here; the CLT approximation with N =
+    1000).  The seed is fixed, so the test is deterministic.  The read-out's parameters get the
+    exact direct term: equal to 1e-12.  The same test rejects the truncated gradient
+    (1/T) sum_t BPTT(0, 1)_t as the mean, so it has the power to see a bias of that size."""
+    from statistics import NormalDist
+    rng = np.random.default_rng(0)
+    p = make_problem(rng, kind="lstm", layers=2, T=4, B=2, H=3, E=2, O=3, V=4)
+    exact = online.rtrl(p.net, p.x, p.y, p.state, p.loss).grads
+    steps = [r.grads for _, r in npbptt.stream(p.net, p.x, p.y, p.state, K=1, K1=0,
+                                               loss=p.loss, backend="numpy")]
+    trunc = {k: np.mean([g[k] for g in steps], axis=0) for k in exact}   # TBPTT(0): biased
+    draw = np.random.default_rng(1)
+    N = 1000
+    runs = [online.uoro(p.net, p.x, p.y, p.state, draw, p.loss).grads for _ in range(N)]
+    z_exact, z_trunc = [], []
+    for k in exact:
+        a = np.stack([r[k] for r in runs])
+        mean, se = a.mean(0), a.std(0, ddof=1) / np.sqrt(N)
+        if k.startswith("decoder."):
+            np.testing.assert_allclose(a, np.broadcast_to(exact[k], a.shape), rtol=1e-12,
+                                       atol=1e-12)
+            continue
+        zero = np.all(a == 0, axis=0)          # embedding rows no token uses: exactly 0
+        assert np.all(exact[k][zero] == 0)
+        z_exact.append((mean - exact[k])[~zero] / se[~zero])
+        z_trunc.append((mean - trunc[k])[~zero] / se[~zero])
+    z_exact, z_trunc = np.concatenate(z_exact), np.concatenate(z_trunc)
+    z_star = NormalDist().inv_cdf(1 - 1e-3 / (2 * z_exact.size))
+    assert np.abs(z_exact).max() < z_star
+    assert np.abs(z_trunc).max() > z_star
+
+
+def test_uoro_stream_and_bad_input():
+    rng = np.random.default_rng(4)
+    p = make_problem(rng, kind="rnn", layers=1, T=5, B=2)
+    a = list(online.uoro_stream(p.net, p.x, p.y, p.state, 2, np.random.default_rng(9), p.loss))
+    assert [c for c, _ in a] == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    # one call over the whole sequence draws the same signs: its state and carry agree
+    whole = online.uoro(p.net, p.x, p.y, p.state, np.random.default_rng(9), p.loss)
+    np.testing.assert_allclose(a[-1][1].carry.theta_tilde, whole.carry.theta_tilde, rtol=1e-12)
+    np.testing.assert_array_equal(a[-1][1].state, whole.state)
+    with pytest.raises(ValueError, match="rng must be a numpy.random.Generator"):
+        online.uoro(p.net, p.x, p.y, p.state, 0, p.loss)
+    with pytest.raises(ValueError, match="eps"):
+        online.uoro(p.net, p.x, p.y, p.state, rng, p.loss, eps=0.0)
+    with pytest.raises(ValueError, match="carry"):
+        online.uoro(p.net, p.x, p.y, p.state, rng, p.loss, carry=whole.carry.theta_tilde)
+    with pytest.raises(ValueError, match="y must have shape"):
+        online.uoro(p.net, p.x, p.y[:2], p.state, rng, p.loss)
+    with pytest.raises(ValueError, match="K must be"):
+        next(online.uoro_stream(p.net, p.x, p.y, p.state, 0, rng))

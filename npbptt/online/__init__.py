@@ -12,6 +12,7 @@ in are in :mod:`npbptt.online.jvp`.
 from .common import OnlineResult
 from .jvp import state_param_names, step_jvp, step_jvp_params
 from .rtrl import DEFAULT_MAX_BYTES, RTRLCarry, rtrl, rtrl_bytes, rtrl_stream
+from .uoro import UOROCarry, uoro, uoro_stream, uoro_update
 
 __all__ = ["OnlineResult", "RTRLCarry", "rtrl", "rtrl_stream", "rtrl_bytes", "DEFAULT_MAX_BYTES",
-           "state_param_names", "step_jvp", "step_jvp_params"]
+           "UOROCarry", "uoro", "uoro_stream", "uoro_update", "state_param_names", "step_jvp", "step_jvp_params"]
