@@ -7,10 +7,11 @@ equal it):
     "step_losses" (net, x, y, S, loss)         -> (L (T,), S_T)        npbptt.bptt.step_losses_reference
     "grad_norms"  (net, x, y, S, loss)         -> phi (T, B)           npbptt.probe.grad_norms_reference
     "grad_norms_param" (net, x, y, S, loss)    -> psi (T, B)           npbptt.probe.param_norms_reference
-                                                  (reference only for now: every backend runs it)
+                                                  (numba: npbptt.kernels.psi; cuda: the reference)
 
-Only the references take dropout masks (keyword ``masks``, an ``npbptt.model.DropoutMasks``);
-:func:`resolve` with ``masked=True`` returns them whatever the backend.
+Dropout masks (keyword ``masks``, an ``npbptt.model.DropoutMasks``): :func:`resolve` with
+``masked=True`` returns the reference unless the kernel module's ``takes_masks(op, net)`` says
+its kernel takes them.
 
 Backends: "numpy" (the reference, always available), "numba" (CPU kernels in npbptt.kernels),
 "cuda" (numba.cuda kernels). ``backend=None`` picks :func:`default_backend`.
@@ -27,13 +28,16 @@ _REFERENCE = {
     "grad_norms": ("npbptt.probe", "grad_norms_reference"),
     "grad_norms_param": ("npbptt.probe", "param_norms_reference"),
 }
-_REFERENCE_ONLY = ("grad_norms_param",)      # no kernel yet: the checked backend runs the reference
+# no kernel for these on that backend: the checked backend runs the reference
+_REFERENCE_ONLY = {"numba": (), "cuda": ("grad_norms_param",)}
 _KERNEL_MODULE = {"numba": "npbptt.kernels.cpu", "cuda": "npbptt.kernels.gpu"}
+# operations whose kernel lives in a module of its own (one idea per module)
+_OP_MODULE = {("numba", "grad_norms_param"): "npbptt.kernels.psi"}
 
 
-def _kernel_module(backend):
+def _kernel_module(backend, op=None):
     try:
-        return importlib.import_module(_KERNEL_MODULE[backend])
+        return importlib.import_module(_OP_MODULE.get((backend, op), _KERNEL_MODULE[backend]))
     except ImportError:
         return None
 
@@ -72,8 +76,12 @@ def resolve(op, backend=None, net=None, masked=False):
     if backend == "numpy":
         module, name = _REFERENCE[op]
         return getattr(importlib.import_module(module), name)
-    mod = _kernel_module(backend)
-    if op in _REFERENCE_ONLY and mod is not None:
+    mod = _kernel_module(backend, op)
+    if (backend, op) in _OP_MODULE and mod is None and _kernel_module(backend) is not None:
+        mod, op_only_ref = _kernel_module(backend), True     # its module is not there yet
+    else:
+        op_only_ref = op in _REFERENCE_ONLY[backend]
+    if op_only_ref and mod is not None:
         if backend == "cuda" and not mod.is_available():
             raise ValueError("backend 'cuda' needs an NVIDIA GPU (or NUMBA_ENABLE_CUDASIM=1); none found")
         module, name = _REFERENCE[op]
@@ -83,7 +91,9 @@ def resolve(op, backend=None, net=None, masked=False):
                          f"(available: {available()})")
     if backend == "cuda" and not mod.is_available():
         raise ValueError("backend 'cuda' needs an NVIDIA GPU (or NUMBA_ENABLE_CUDASIM=1); none found")
-    if masked or (net is not None and not mod.supports(net)):
+    takes_masks = getattr(mod, "takes_masks", None)       # (op, net) -> bool, where kernels take masks
+    masked_ref = masked and not (takes_masks is not None and net is not None and takes_masks(op, net))
+    if masked_ref or (net is not None and not mod.supports(net)):
         # the one place that decides: a network the kernels do not compute (its own step, a
         # tied read-out) or a call with dropout masks runs the reference, never silently the
         # stock recurrence
