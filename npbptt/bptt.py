@@ -26,7 +26,7 @@ from .losses import LOSSES
 from .model import check_masks
 from .validate import check_inputs, check_K, is_int
 
-__all__ = ["BPTTResult", "bptt", "bptt_reference", "vjp_state", "vjp_params", "step_losses",
+__all__ = ["BPTTResult", "bptt", "bptt_reference", "vjp_state", "vjp_params", "vjp_step", "step_losses",
            "step_losses_reference", "stream"]
 
 
@@ -53,9 +53,15 @@ def vjp_state(net, cache, b):
 def vjp_params(net, cache, b):
     """b . dS_t/dtheta as a dict over every parameter the state update uses (the recurrent layers
     and, with an embedding, ``embedding.weight``): the summand of BPTT(K1, K2) in Eq. (15)."""
-    grads, _, dx = net.step_vjp(cache, b)
+    return vjp_step(net, cache, b)[0]
+
+
+def vjp_step(net, cache, b):
+    """Both products of one step in one call: (b . dS_t/dtheta as :func:`vjp_params`,
+    b . dS_t/dS_{t-1} as :func:`vjp_state`)."""
+    grads, dS_prev, dx = net.step_vjp(cache, b)
     net.input_vjp(cache[0], dx, grads)      # the embedding's rows (nothing for a dense input)
-    return grads
+    return grads, dS_prev
 
 
 def _accumulate(total, part):

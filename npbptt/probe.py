@@ -13,6 +13,7 @@ from . import backends
 from .bptt import _accumulate
 from .cells import ACTIVATIONS
 from .losses import LOSSES
+from .trees import row_norms as _row_norms, rows as _rows
 from .validate import check_inputs
 
 __all__ = ["grad_norms", "grad_norms_reference", "param_norms_reference", "step_param_norms",
@@ -57,11 +58,6 @@ def _backward_sweep(net, x, y, S, loss, with_params):
         yield k, b, G, caches[t]
         if k + 1 < T:
             b = b_next                          # Eq. (16), k >= K2 = 1: b_{k+1} = b_k dS_{T-k}/dS_{T-k-1}
-
-
-def _row_norms(b):
-    """||S^(b)|| over the concatenated state (all layers' h, plus c): tuple of (L, B, H) -> (B,)."""
-    return np.sqrt(sum((s * s).sum(axis=(0, 2)) for s in b))
 
 
 def grad_norms_reference(net, x, y, S, loss):
@@ -122,12 +118,6 @@ def step_param_norms(net, cache, b):
     if net.embedding:
         sq = sq + (dx * dx).sum(axis=1)                  # the gathered row E[x_t^(r)]
     return np.sqrt(sq)
-
-
-def _rows(tree, lo, hi):
-    if isinstance(tree, np.ndarray):
-        return tree[lo:hi]
-    return type(tree)(_rows(t, lo, hi) for t in tree)
 
 
 def _step_param_norms_rows(net, cache, b):

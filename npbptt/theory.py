@@ -83,7 +83,9 @@ import math
 import numpy as np
 
 from .losses import LOSSES
+from .bptt import vjp_step
 from .probe import step_param_norms
+from .trees import leading as _leading, row_norms as _row_norms, rows as _rows, stack as _stack
 from .validate import check_inputs
 
 __all__ = ["phi_mean", "phi_table", "psi_mean", "psi_table", "param_bias_bound", "jacobian_bound", "full_gradient",
@@ -127,30 +129,7 @@ def _variant(variant):
     return variant
 
 
-# ----------------------------------------------------------------------------- pytree helpers
-def _stack(trees):
-    """Concatenate along axis 0 the matching arrays of a list of caches (tuples/lists of arrays)."""
-    first = trees[0]
-    if isinstance(first, np.ndarray):
-        return np.concatenate(trees, axis=0)
-    return type(first)(_stack([t[i] for t in trees]) for i in range(len(first)))
-
-
-def _rows(tree, lo, hi):
-    """Rows lo:hi of every array of a (stacked) cache."""
-    if isinstance(tree, np.ndarray):
-        return tree[lo:hi]
-    return type(tree)(_rows(t, lo, hi) for t in tree)
-
-
-def _leading(tree):
-    if isinstance(tree, np.ndarray):
-        yield tree.shape[0] if tree.ndim else None
-    else:
-        for t in tree:
-            yield from _leading(t)
-
-
+# ----------------------------------------------------------------------------- helpers
 def _float64(net):
     """The network itself if float64, else a float64 copy."""
     if net.dtype == np.float64:
@@ -179,19 +158,6 @@ def _unflat(vec, keys, net):
         out[k] = vec[i:i + n].reshape(net.params[k].shape)
         i += n
     return out
-
-
-def _vjp(net, cache, b):
-    """(dtheta, dS_prev) of one (stacked) step: b . dH/dtheta over the recurrent layers and the
-    embedding (as ``npbptt.bptt.vjp_params``) and b . dS_t/dS_{t-1} (``vjp_state``), one call."""
-    grads, dS_prev, dx = net.step_vjp(cache, b)
-    net.input_vjp(cache[0], dx, grads)
-    return grads, dS_prev
-
-
-def _row_norms(b):
-    """||.|| of every row of a cotangent over the concatenated state: tuple of (L, R, H) -> (R,)."""
-    return np.sqrt(sum((a * a).sum(axis=(0, 2)) for a in b))
 
 
 # ----------------------------------------------------------------------------- the forward pass
@@ -248,7 +214,7 @@ def _lag_sweep(p, max_lag):
     d = p.e                                                # lag 0: e_t = d ell_t/dS_t
     for j in range(min(max_lag, T - 1) + 1):
         n = T - j
-        grads, d_prev = _vjp(net, _rows(p.cache, 0, n * B), d)
+        grads, d_prev = vjp_step(net, _rows(p.cache, 0, n * B), d)
         yield j, d, _flat(grads, p.keys, net)
         # Eq. (16) with K2 = 1, all sources at once: b_{j+1} = b_j . dS_t/dS_{t-1}; the rows of
         # step 1 reach S_0, a constant, and are dropped.
@@ -267,7 +233,7 @@ def _adjoint(p):
         a_t = tuple(v[:, rows] + c for v, c in zip(p.e, carry))
         for dst, src in zip(a, a_t):
             dst[:, rows] = src
-        grads, carry = _vjp(net, _rows(p.cache, t * B, (t + 1) * B), a_t)
+        grads, carry = vjp_step(net, _rows(p.cache, t * B, (t + 1) * B), a_t)
         gH += _flat(grads, p.keys, net)
     return a, gH
 
@@ -286,8 +252,8 @@ def _tail(p, a, K):
     r = tuple(v[:, (K + 1) * B:] for v in a)              # a_u for u = K+2..T (1-based)
     for i in range(K + 1):                                 # move every a_u back K+1 steps
         lo, hi = K + 1 - i, T - i                          # 0-based steps of the current rows
-        _, r = _vjp(net, _rows(p.cache, lo * B, hi * B), r)
-    grads, _ = _vjp(net, _rows(p.cache, 0, (T - 1 - K) * B), r)
+        _, r = vjp_step(net, _rows(p.cache, lo * B, hi * B), r)
+    grads, _ = vjp_step(net, _rows(p.cache, 0, (T - 1 - K) * B), r)
     return _flat(grads, p.keys, net)
 
 
