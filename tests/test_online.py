@@ -236,3 +236,162 @@ def test_uoro_stream_and_bad_input():
         online.uoro(p.net, p.x, p.y[:2], p.state, rng, p.loss)
     with pytest.raises(ValueError, match="K must be"):
         next(online.uoro_stream(p.net, p.x, p.y, p.state, 0, rng))
+
+
+# --- ARTBP --------------------------------------------------------------------------------------
+def _lag_terms(p):
+    """d[s][k] = dL_s/dS_{s-k} . dS_{s-k}/dtheta (plus, for k = 0, the read-out's direct term),
+    from differences of npbptt.bptt(K1=k, K2=1) on the prefix ending at step s: the per-lag
+    terms of Eq. (15) of Aicher et al., independent of npbptt.online."""
+    T = p.x.shape[0]
+    d = []
+    for s in range(T):
+        prev, row = None, []
+        for k in range(s + 1):
+            g = npbptt.bptt(p.net, p.x[:s + 1], p.y[:s + 1], p.state, K1=k, K2=1, loss=p.loss,
+                            backend="numpy").grads
+            row.append(g if prev is None else {n: g[n] - prev[n] for n in g})
+            prev = g
+        d.append(row)
+    return d
+
+
+@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+def test_artbp_fixed_pattern_is_the_compensated_sum_of_lag_terms(kind):
+    """artbp_estimate(cuts, probs) = (1/T) sum_s sum_{k <= s - r(s)} W(s, k) d[s][k], r(s) the
+    last cut at or before s and W(s, k) = prod_{t=s-k+1}^{s} 1/(1 - c_t) (module docstring),
+    with d the per-lag terms from npbptt.bptt; and c = 0 is full BPTT."""
+    rng = np.random.default_rng(12)
+    p = make_problem(rng, kind=kind, layers=2, T=6, B=2)
+    T = p.x.shape[0]
+    cuts = np.array([True, False, False, True, False, False])
+    probs = np.array([1.0, 0.3, 0.6, 0.5, 0.2, 0.45])
+    got = online.artbp_estimate(p.net, p.x, p.y, p.state, cuts, probs, p.loss)
+    d = _lag_terms(p)
+    want = {n: np.zeros_like(v) for n, v in p.net.params.items()}
+    for s in range(T):
+        r = max(t for t in range(s + 1) if cuts[t])
+        for k in range(s - r + 1):
+            w = np.prod([1.0 / (1.0 - probs[t]) for t in range(s - k + 1, s + 1)])
+            for n in want:
+                want[n] += w * d[s][k][n] / T
+    _assert_grads_close(got.grads, want, 1e-12)
+    full = _full_bptt(p)
+    assert abs(got.loss - full.loss) <= 1e-12 * abs(full.loss)
+    r0 = online.artbp(p.net, p.x, p.y, p.state, np.random.default_rng(0), c=0.0, loss=p.loss)
+    _assert_grads_close(r0.grads, full.grads, 1e-12)
+    for a, b in zip(p.net.to_internal(r0.state), p.net.to_internal(full.state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_artbp_draw_and_stream_agree():
+    """The stream's segments are the pattern artbp_draw draws from the same generator, and
+    their gradients sum to the whole sequence's estimate times T / norm."""
+    rng = np.random.default_rng(6)
+    p = make_problem(rng, kind="lstm", layers=1, T=9, B=2)
+    c = online.min_length(2, 0.5)
+    cuts, probs = online.artbp_draw(np.random.default_rng(3), c, 9)
+    assert cuts[0] and probs[0] == 1.0
+    assert not cuts[1] and probs[1] == 0.0          # the first segment is at least 2 steps long
+    segs = list(online.artbp_stream(p.net, p.x, p.y, p.state, np.random.default_rng(3), c,
+                                    p.loss, norm=4.0))
+    starts = [s.start for s, _ in segs]
+    assert starts == list(np.flatnonzero(cuts)) and segs[-1][0].stop == 9
+    whole = online.artbp_estimate(p.net, p.x, p.y, p.state, cuts, probs, p.loss)
+    total = {n: sum(r.grads[n] for _, r in segs) for n in whole.grads}
+    _assert_grads_close(total, {n: v * 9 / 4.0 for n, v in whole.grads.items()}, 1e-12)
+    np.testing.assert_array_equal(segs[-1][1].state[0], whole.state[0])
+
+
+def _z_scores(runs, exact, other):
+    N = len(runs)
+    z_exact, z_other = [], []
+    for k in exact:
+        a = np.stack([r[k] for r in runs])
+        if k.startswith("decoder."):               # the read-out's direct term: exact
+            np.testing.assert_allclose(a, np.broadcast_to(exact[k], a.shape), rtol=1e-12,
+                                       atol=1e-12)
+            continue
+        mean, se = a.mean(0), a.std(0, ddof=1) / np.sqrt(N)
+        const = np.all(a == a[0], axis=0)          # embedding rows no token uses: exactly 0
+        np.testing.assert_array_equal(a[0][const], exact[k][const])
+        z_exact.append((mean - exact[k])[~const] / se[~const])
+        z_other.append((other[k] - exact[k])[~const] / se[~const])
+    return np.concatenate(z_exact), np.concatenate(z_other)
+
+
+@pytest.mark.parametrize("c", [0.4, "min_length"])
+def test_artbp_is_unbiased(c):
+    """Mean of N = 2000 ARTBP draws against the exact (full BPTT) gradient, per component, in
+    units of its estimated standard error: a two-sided z-test, Bonferroni-corrected over the m
+    components, at family-wise false-alarm rate alpha = 1e-3 (z* = Phi^-1(1 - alpha / (2m)); CLT
+    with N = 2000; fixed seeds, so deterministic).  c: a constant probability, and a
+    segment-length-dependent one (min_length(2, 0.6): the c_t depend on earlier draws).  Power:
+    the same test rejects the mean of the *uncompensated* estimator (same cuts, factor 1; its
+    exact mean computed from the per-lag terms), a bias within the reach of ARTBP's variance."""
+    from statistics import NormalDist
+    rng = np.random.default_rng(0)
+    p = make_problem(rng, kind="lstm", layers=2, T=5, B=2, H=3, E=2, O=3, V=4)
+    T = p.x.shape[0]
+    exact = _full_bptt(p).grads
+    cfun = 0.4 if c == 0.4 else online.min_length(2, 0.6)
+    draw = np.random.default_rng(1)
+    N = 2000
+    runs = [online.artbp(p.net, p.x, p.y, p.state, draw, cfun, p.loss).grads for _ in range(N)]
+    # the uncompensated estimator's exact mean: lag k of L_s survives with P = prod (1 - c_t)
+    d = _lag_terms(p)
+    ck = (lambda k: 0.4) if c == 0.4 else cfun
+    surv = np.zeros((T, T))                   # P(no cut at links s-k+1..s), c_t by segment length
+    for s in range(T):
+        for k in range(s + 1):
+            # enumerate patterns exactly: small T
+            tot = 0.0
+            for bits in range(2 ** (T - 1)):
+                X = [True] + [bool(bits >> (t - 1) & 1) for t in range(1, T)]
+                pr, klen = 1.0, 1
+                for t in range(1, T):
+                    q = ck(klen)
+                    pr *= q if X[t] else 1 - q
+                    klen = 1 if X[t] else klen + 1
+                if not any(X[s - k + 1:s + 1]):
+                    tot += pr
+            surv[s, k] = tot
+    biased = {n: sum(surv[s, k] * d[s][k][n] for s in range(T) for k in range(s + 1)) / T
+              for n in exact}
+    z_exact, z_other = _z_scores(runs, exact, biased)
+    z_star = NormalDist().inv_cdf(1 - 1e-3 / (2 * z_exact.size))
+    assert np.abs(z_exact).max() < z_star
+    assert np.abs(z_other).max() > z_star
+
+
+def test_artbp_bad_input_names_the_argument():
+    rng = np.random.default_rng(4)
+    p = make_problem(rng, kind="rnn", layers=1, T=5, B=2)
+    for bad in (1.0, -0.1, float("nan"), "half", True):
+        with pytest.raises(ValueError, match="c must be a truncation probability"):
+            online.artbp(p.net, p.x, p.y, p.state, rng, c=bad, loss=p.loss)
+    with pytest.raises(ValueError, match=r"c as an array must have shape \(T,\) = \(5,\)"):
+        online.artbp(p.net, p.x, p.y, p.state, rng, c=np.zeros(4), loss=p.loss)
+    with pytest.raises(ValueError, match="c must hold truncation probabilities"):
+        online.artbp(p.net, p.x, p.y, p.state, rng, c=np.array([0, .2, 1.0, .1, .1]), loss=p.loss)
+    with pytest.raises(ValueError, match=r"c\(1\) must be a truncation probability"):
+        online.artbp(p.net, p.x, p.y, p.state, rng, c=lambda k: 2.0, loss=p.loss)
+    with pytest.raises(ValueError, match="rng must be a numpy.random.Generator"):
+        online.artbp(p.net, p.x, p.y, p.state, 0, loss=p.loss)
+    with pytest.raises(ValueError, match="K_min must be"):
+        online.min_length(0, 0.1)
+    with pytest.raises(ValueError, match="y must be given"):
+        online.artbp(p.net, p.x, None, p.state, rng)
+    with pytest.raises(ValueError) as want:
+        npbptt.bptt(p.net, p.x, p.y[:2], p.state, 2, 3, p.loss)
+    with pytest.raises(ValueError) as got:
+        online.artbp(p.net, p.x, p.y[:2], p.state, rng, loss=p.loss)
+    assert str(got.value) == str(want.value)
+    with pytest.raises(ValueError, match="cuts must be a boolean array"):
+        online.artbp_estimate(p.net, p.x, p.y, p.state, np.zeros(5), np.zeros(5), p.loss)
+    with pytest.raises(ValueError, match="probs must be in"):
+        online.artbp_estimate(p.net, p.x, p.y, p.state, np.zeros(5, bool), np.ones(5), p.loss)
+    with pytest.raises(ValueError, match="norm must be given"):
+        next(online.artbp_stream(p.net, p.x, p.y, p.state, rng, c=online.min_length(2, .1)))
+    with pytest.raises(ValueError, match="norm must be a finite number"):
+        next(online.artbp_stream(p.net, p.x, p.y, p.state, rng, c=0.1, loss=p.loss, norm=0))
