@@ -123,7 +123,8 @@ def _add_common(p):
         if st.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=hlp)
         else:
-            p.add_argument(flag, type=st.type, default=None, help=hlp)
+            p.add_argument(flag, type=st.type, default=None, help=hlp,
+                           choices=getattr(st, "choices", None))
     for key, (typ, hlp) in _TRAIN_HELP.items():
         if not hlp.endswith("]"):
             hlp = f"{hlp} {_train_default_help(key)}"
@@ -133,8 +134,8 @@ def _add_common(p):
                         "exact to round-off, so that gradients and bias estimates are exact; "
                         "float32 runs about twice as fast]")
     p.add_argument("--data-dir", default=None,
-                   help="directory of the real data (ptb, wikitext2) [the NPBPTT_DATA environment "
-                        "variable]")
+                   help="directory of the real data (ptb, wikitext2, book-order, copy --data "
+                        "authors) [the NPBPTT_DATA environment variable]")
     p.add_argument("--backend", default=None, help="numpy, numba or cuda [fastest available]")
     p.add_argument("--quick", action="store_true",
                    help="a small slice of the data and a small model: seconds to a minute "
@@ -392,15 +393,17 @@ def _sweep_job(out, task, K, delta, seed, kwargs):
     except Diverged as e:
         atomic_write_text(out / "DIVERGED", f"{e}\n")
         return f"{out.name}: DIVERGED -- {e}"
-    best = min(res.metrics, key=lambda r: r["valid_ppl"])
-    return f"{out.name}: best valid PPL {best['valid_ppl']:.4f} at epoch {best['epoch']}"
+    key, what = (("valid_nll", "NLL") if res.metrics[0].get("valid_nll") is not None
+                 else ("valid_ppl", "PPL"))                     # Book Order: by NLL (Table C.3)
+    best = min(res.metrics, key=lambda r: r[key])
+    return f"{out.name}: best valid {what} {best[key]:.4f} at epoch {best['epoch']}"
 
 
 def _cmd_sweep(a):
     import joblib
     from tqdm.auto import tqdm
     from .checkpoint import atomic_write_text, load_checkpoint
-    from .plots import collect_runs, format_table_c1, summarize_runs
+    from .plots import collect_runs, format_table, summarize_runs
     from .runfiles import CHECKPOINT, CONFIG, check_run_dir, load_metrics
     from .tasks import TASKS, read_config
     for K in a.K:
@@ -481,7 +484,7 @@ def _cmd_sweep(a):
         if client is not None:
             client.close()
     runs = collect_runs([out])
-    table = format_table_c1(summarize_runs(runs))
+    table = format_table(summarize_runs(runs))      # Table C.1/C.2 by PPL, C.3 by NLL
     atomic_write_text(out / _TABLES[a.task], table + "\n")
     print(table)
     print(f"\nwritten: {out / _TABLES[a.task]}")

@@ -279,3 +279,40 @@ def test_norm_param_trains_on_psi_and_old_runs_without_norm_resume(capsys, tmp_p
                        "--no-progress")
     assert code == 0, err
     assert len(read_csv(old / "metrics.csv")) == 2
+
+
+@needs_data
+def test_book_order_sweep_writes_table_c3_by_nll_and_its_figures(capsys, tmp_path):
+    """npbptt sweep book-order: Table C.3's columns (valid/test NLL, RMSE x 10^-3, 0-1 loss at
+    the best validation NLL, mean (std) over seeds), no PPL column; npbptt plot draws C.3/C.4."""
+    out = tmp_path / "sweep"
+    code, stdout, err = run(capsys, "sweep", "book-order", "--K", "3", "--delta", "0.5",
+                            "--seeds", "2", "--epochs", "2", "--quick", "--data-dir", str(DATA),
+                            "--jobs", "1", "--out", str(out))
+    assert code == 0, err
+    assert "best valid NLL" in err
+    table = (out / "table_c3.md").read_text()
+    assert "PPL" not in table and "PPL" not in stdout
+    head = next(l for l in table.splitlines() if l.startswith("| setting |"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    for name in ("Valid NLL", "Test NLL", "Test RMSE(t) ×10⁻³", "Test 0-1 loss(y)", "s / epoch"):
+        assert name in cols, cols
+    bests = [min(read_csv(out / f"K3-seed{s}" / "metrics.csv"), key=lambda r: r["valid_nll"])
+             for s in (0, 1)]
+    line = next(l for l in table.splitlines() if l.startswith("| K = 3 |"))
+    cells = dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+    for col, key, scale, nd in (("Valid NLL", "valid_nll", 1, 3), ("Test NLL", "test_nll", 1, 3),
+                                ("Test RMSE(t) ×10⁻³", "test_rmse", 1e3, 4),
+                                ("Test 0-1 loss(y)", "test_error", 1, 4)):
+        v = [b[key] * scale for b in bests]
+        assert cells[col] == f"{np.mean(v):.{nd}f} ({np.std(v, ddof=1):.{nd}f})", (col, cells[col])
+    assert cells["runs"] == "2" and cells["epochs"] == "2"
+    assert next(l for l in table.splitlines() if l.startswith("| δ = 0.5 |"))
+
+    code, _, err = run(capsys, "plot", str(out), "--out", str(tmp_path / "png"))
+    assert code == 0, err
+    import matplotlib.image as mpimg
+    for name in ("figure_c3.png", "figure_c4.png", "figure3.png"):
+        img = mpimg.imread(tmp_path / "png" / name)
+        assert img.shape[0] > 100 and img[..., :3].std() > 0
+    assert not (tmp_path / "png" / "figure1.png").exists()      # PPL figures: not for this task
