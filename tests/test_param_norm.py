@@ -156,10 +156,10 @@ def test_state_norm_is_bitwise_unchanged_and_backends_agree():
         assert np.array_equal(a, b)
     ref = npbptt.grad_norms(p.net, p.x, p.y, p.state, p.loss, backend="numpy", norm="param")
     for backend in npbptt.available_backends():
-        if backend != "cuda":
+        if backend != "cuda":                   # numba: its own kernel (npbptt.kernels.psi)
             got = npbptt.grad_norms(p.net, p.x, p.y, p.state, p.loss, backend=backend,
                                     norm="param")
-            assert np.array_equal(got, ref)
+            np.testing.assert_allclose(got, ref, rtol=1e-12)
     pr = npbptt.probe(p.net, p.x, p.y, p.state, p.loss)
     assert np.array_equal(pr.psi, ref)
     np.testing.assert_allclose(pr.psi_cum, np.cumsum(ref.mean(axis=1)), rtol=1e-14)
@@ -192,3 +192,116 @@ def test_bounds_with_psi_are_the_same_estimators_with_M_one():
     np.testing.assert_array_equal(bounds.Delta_hat(p, K, b, 9, norm="param"),
                                   bounds.Delta_hat(p, K, b, 9))
     assert bounds.kappa_hat(psi, 0.1, 1, 50, norm="param") == bounds.kappa_hat(psi, 0.1, 1, 50)
+
+
+# ----------------------------------------------------------------------------- the numba kernel
+psi_kernel = pytest.importorskip("npbptt.kernels.psi")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from npbptt import backends  # noqa: E402
+from npbptt.probe import param_norms_reference  # noqa: E402
+from npbptt.validate import check_inputs  # noqa: E402
+
+EPS32 = float(np.finfo(np.float32).eps)
+FLOOR32 = 4 * EPS32                 # as tests/test_kernels.py: a few roundings of the largest entries
+
+
+@st.composite
+def psi_problems(draw):
+    """Every configuration the kernel takes (kernels.shared.supports): cells, activations, 1-3
+    layers, embedding or dense input, biases or not, both losses, odd sizes."""
+    kind = draw(st.sampled_from(["lstm", "rnn"]))
+    act = draw(st.sampled_from(["tanh", "relu", "sigmoid", "linear"])) if kind == "rnn" else "tanh"
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    return make_problem(rng, kind=kind, activation=act, layers=draw(st.integers(1, 3)),
+                        embedding=draw(st.booleans()),
+                        loss=draw(st.sampled_from(["cross_entropy", "mse"])),
+                        T=draw(st.integers(1, 12)), B=draw(st.integers(1, 9)),
+                        H=draw(st.integers(1, 9)), E=draw(st.integers(1, 5)),
+                        O=draw(st.integers(2, 6)), bias=draw(st.booleans()),
+                        scale=draw(st.sampled_from([0.5, 1.0, 2.5])))
+
+
+@settings(max_examples=40, deadline=None)
+@given(psi_problems())
+def test_numba_psi_equals_numpy_float64(p):
+    ref = npbptt.grad_norms(p.net, p.x, p.y, p.state, p.loss, norm="param", backend="numpy")
+    got = npbptt.grad_norms(p.net, p.x, p.y, p.state, p.loss, norm="param", backend="numba")
+    assert got.shape == ref.shape == p.x.shape[:2] and got.dtype == np.float64
+    assert np.abs(got - ref).max() <= 1e-12 * np.abs(ref).max()
+
+
+def _float32_pair(p):
+    """(float32 problem, float64 problem holding exactly the float32-rounded values)."""
+    def vals(a, dt):
+        a = np.asarray(a)
+        return a if np.issubdtype(a.dtype, np.integer) else a.astype(np.float32).astype(dt)
+
+    out = []
+    for dt in (np.float32, np.float64):
+        net = p.net.copy()
+        net.dtype = np.dtype(dt)
+        net.params = {k: vals(v, dt) for k, v in p.net.params.items()}
+        state = tuple(vals(s, dt) for s in p.state) if net.kind == "lstm" else vals(p.state, dt)
+        out.append(type(p)(net, vals(p.x, dt), vals(p.y, dt), state, p.loss))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(psi_problems())
+def test_numba_psi_float32_error_at_most_twice_the_references(p):
+    """float32 (tests/test_kernels.py's rule): the kernel's relative 2-norm error against the
+    float64 reference on the same float32-rounded values is at most twice the float32
+    reference's own, floored at 4 float32 epsilons."""
+    p32, p64 = _float32_pair(p)
+    exact = npbptt.grad_norms(p64.net, p64.x, p64.y, p64.state, p.loss, norm="param",
+                              backend="numpy")
+    ref = npbptt.grad_norms(p32.net, p32.x, p32.y, p32.state, p.loss, norm="param",
+                            backend="numpy")
+    got = npbptt.grad_norms(p32.net, p32.x, p32.y, p32.state, p.loss, norm="param",
+                            backend="numba")
+    scale = max(np.linalg.norm(exact), np.finfo(np.float64).tiny)
+    e_ref, e_got = np.linalg.norm(ref - exact) / scale, np.linalg.norm(got - exact) / scale
+    assert e_got <= 2 * max(e_ref, FLOOR32), (e_got, e_ref)
+
+
+def test_resolve_gives_the_kernel_for_stock_networks_and_the_reference_otherwise():
+    stock = npbptt.LSTM(3, 4, 2, 5, vocab_size=5, seed=0)
+    assert backends.resolve("grad_norms_param", "numba", stock) is psi_kernel.grad_norms_param
+    assert backends.resolve("grad_norms_param", "numba", npbptt.RNN(3, 4, 1, 2, seed=0)) \
+        is psi_kernel.grad_norms_param
+    resetting = ResettingRNN(2, 3, 2, 3, vocab_size=7, seed=1, reset_tokens=[6])
+    assert backends.resolve("grad_norms_param", "numba", resetting) is param_norms_reference
+    # tied weights: the kernel where kernels.shared.supports takes them (its read-out reads
+    # embedding.weight, psi keeps the input use only), else the reference; equal either way
+    tied = npbptt.LSTM(4, 4, 2, 6, vocab_size=6, seed=5, tie_weights=True)
+    want = psi_kernel.grad_norms_param if psi_kernel.supports(tied) else param_norms_reference
+    assert backends.resolve("grad_norms_param", "numba", tied) is want
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 6, (4, 3)), rng.integers(0, 6, (4, 3))
+    state = tied.to_public(tuple(0.3 * rng.standard_normal((2, 3, 4)) for _ in range(2)))
+    a = npbptt.grad_norms(tied, x, y, state, norm="param", backend="numba")
+    b = npbptt.grad_norms(tied, x, y, state, norm="param", backend="numpy")
+    assert np.abs(a - b).max() <= 1e-12 * np.abs(b).max()
+    x, y, S = check_inputs(tied, x, y, state, "cross_entropy")
+    c = psi_kernel.grad_norms_param(tied, x, y, S, "cross_entropy")      # the kernel itself
+    assert np.abs(c - b).max() <= 1e-12 * np.abs(b).max()
+    # the row-by-row reference on a ResettingRNN that never resets is the stock network's psi
+    xr = rng.integers(0, 6, (5, 2))
+    st = 0.3 * rng.standard_normal((2, 2, 3))
+    plain = npbptt.RNN(2, 3, 2, 3, vocab_size=7, seed=1)
+    plain.params = {k: v.copy() for k, v in resetting.params.items()}
+    np.testing.assert_allclose(
+        npbptt.grad_norms(resetting, xr, xr % 3, st, norm="param", backend="numba"),
+        npbptt.grad_norms(plain, xr, xr % 3, st, norm="param", backend="numba"), rtol=1e-12)
+
+
+def test_numba_psi_on_a_long_window():
+    """A window of 60 steps, batch 16, 2-layer LSTM 20 (the kernels' loops over many steps and
+    rows; float64 to 1e-12 of the reference)."""
+    p = make_problem(np.random.default_rng(21), kind="lstm", layers=2, T=60, B=16, H=20, E=6,
+                     O=8, V=8, scale=1.5)
+    ref = npbptt.grad_norms(p.net, p.x, p.y, p.state, p.loss, norm="param", backend="numpy")
+    got = npbptt.grad_norms(p.net, p.x, p.y, p.state, p.loss, norm="param", backend="numba")
+    assert np.all(ref[:5] > 0)
+    assert np.abs(got - ref).max() <= 1e-12 * np.abs(ref).max()
