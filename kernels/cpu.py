@@ -3,14 +3,17 @@
 Selected by ``backend="numba"`` (the default where numba imports).  The three public functions have
 exactly the signatures and return values of the NumPy references they must equal:
 
-    bptt(net, x, y, S, K1, K2, loss)  -> (loss, grads, S_T)   npbptt.bptt.bptt_reference
-    step_losses(net, x, y, S, loss)   -> (L (T,), S_T)        npbptt.bptt.step_losses_reference
-    grad_norms(net, x, y, S, loss)    -> phi (T, B)           npbptt.probe.grad_norms_reference
+    bptt(net, x, y, S, K1, K2, loss, masks=None) -> (loss, grads, S_T)   npbptt.bptt.bptt_reference
+    step_losses(net, x, y, S, loss, masks=None)  -> (L (T,), S_T)        npbptt.bptt.step_losses_reference
+    grad_norms(net, x, y, S, loss)               -> phi (T, B)           npbptt.probe.grad_norms_reference
 
 Inputs are the validated ones (``npbptt.validate.check_inputs``; ``S`` the internal state tuple)
 and the network one that :func:`npbptt.kernels.shared.supports` accepts: ``npbptt.backends.resolve``
-hands every other network (a subclass that changes the recurrence, a tied read-out) to the
-reference, so none is ever silently run as the stock one.
+hands every other network (a subclass that changes the recurrence) to the reference, so none is
+ever silently run as the stock one.  A tied read-out runs as its untied view
+(:func:`npbptt.kernels.shared.untied`, the embedding's gradient the sum of both uses).
+``bptt`` and ``step_losses`` also take the reference's keyword ``masks`` (dropout,
+:func:`takes_masks`): a masked call runs the layer-by-layer path.
 
 How the work is laid out (the algorithm is the reference's; only the order of independent
 operations changes, so results agree to round-off; the measurements behind each choice are in
@@ -50,11 +53,12 @@ import numpy as np
 
 from . import _cpu_jit as jit
 from .shared import BLOCK_ELEMENTS as _BLOCK_ELEMENTS, carve as _carve, supports
+from .shared import untied as _untied
 from .runtime import NO_FLAGS as _NO_FLAGS, SPINS as _SPINS, blas_single_thread, release_workspace
 from .runtime import caller_workspaces as _caller_workspaces, parallel as _parallel
 from .runtime import run_tasks as _run_tasks, ws as _ws
 
-__all__ = ["bptt", "step_losses", "grad_norms", "supports", "blas_single_thread", "release_workspace",
+__all__ = ["bptt", "step_losses", "grad_norms", "supports", "takes_masks", "blas_single_thread", "release_workspace",
            "warmup"]
 
 # The batch is split into chunks of about _CHUNK_ROWS rows, of at least _MIN_ROWS_PER_CHUNK, at
@@ -139,14 +143,15 @@ def _fused(net, l):
     return G * H * (n_in + H) * net.dtype.itemsize <= _FUSE_BYTES
 
 
-def _layer0_input(net, x, D):
+def _layer0_input(net, x, D, m_in=None):
     """Layer 0's input projection.  Returns (mode, X, tab, tok): through the embedding table,
     FROM_TABLE with tab (V, G*H) = W_ih E[v] + b_ih + b_hh and the tokens (X None); else the input
-    X (T, B, in) -- E[x_t] or the dense x_t -- and FROM_P with D (T, B, G*H) <- W_ih x_t for every
-    step at once."""
+    X (T, B, in) -- E[x_t] or the dense x_t, times the input dropout mask ``m_in`` (T, B, in)
+    when there is one (never through the table then) -- and FROM_P with D (T, B, G*H) <- W_ih x_t
+    for every step at once."""
     p = net.layer(0)
     T, B = x.shape[:2]
-    if _use_table(net, T * B):
+    if m_in is None and _use_table(net, T * B):
         tab = net.params["embedding.weight"] @ p["weight_ih"].T       # row v: W_ih E[v]
         if "bias_ih" in p:
             tab += p["bias_ih"] + p["bias_hh"]
@@ -154,14 +159,20 @@ def _layer0_input(net, x, D):
     if net.embedding:
         X = _ws().get("X0", (T, B, net.input_size), net.dtype)
         np.take(net.params["embedding.weight"], x, axis=0, out=X)    # e_t = E[x_t]
+        if m_in is not None:
+            X *= m_in                                    # dropout on the layer-0 input
+    elif m_in is not None:
+        X = _ws().get("X0", (T, B, net.input_size), net.dtype)
+        np.multiply(x, m_in, out=X)
     else:
         X = np.ascontiguousarray(x, dtype=net.dtype)
     np.matmul(X.reshape(T * B, -1), p["weight_ih"].T, out=D.reshape(T * B, D.shape[2]))
     return jit.FROM_P, X, None, None
 
 
-def _forward(net, x, S):
-    """Run every layer over the steps of x (T, B) tokens or (T, B, in) from the internal state S.
+def _forward(net, x, S, m_in=None):
+    """Run every layer over the steps of x (T, B) tokens or (T, B, in) from the internal state S,
+    layer 0's input times the dropout mask ``m_in`` (T, B, in) when it is given.
 
     Returns (layers, S_T): ``layers[l]`` a :class:`_Layer` holding the cached activations (views
     of this thread's workspace, valid until the next call), S_T the internal state after the last
@@ -180,7 +191,7 @@ def _forward(net, x, S):
         D = _ws().get(("D", l), (T, B, GH), dt)
         tab, tok = no_tab, no_tok
         if l == 0:
-            mode, X, tab0, tok0 = _layer0_input(net, x, D)
+            mode, X, tab0, tok0 = _layer0_input(net, x, D, m_in)
             if mode == jit.FROM_TABLE:
                 tab, tok = tab0.astype(dt, copy=False), tok0
         else:                                            # W_ih x_t for every t at once
@@ -210,11 +221,12 @@ def _block_steps(net, B, width):
     return max(1, _BLOCK_ELEMENTS // (B * max(width, net.gates * net.hidden_size)))
 
 
-def _advance(net, x, S):
-    """The state after running the steps of x from S (caches kept for one block at a time)."""
+def _advance(net, x, S, m_in=None):
+    """The state after running the steps of x from S (caches kept for one block at a time),
+    with the input dropout masks ``m_in`` (T, B, in) when given."""
     Tb = _block_steps(net, x.shape[1], 1)
     for a in range(0, x.shape[0], Tb):
-        S = _forward(net, x[a:a + Tb], S)[1]
+        S = _forward(net, x[a:a + Tb], S, None if m_in is None else m_in[a:a + Tb])[1]
     return S
 
 
@@ -303,7 +315,7 @@ def _readout_backward(net, Htop, y, loss, scale, dH, grads=None):
     return ell
 
 
-def _backward(net, x, layers, dH, t_stop, sq, grads=None):
+def _backward(net, x, layers, dH, t_stop, sq, grads=None, m_in=None):
     """Recursion (16) down the layers.  ``dH`` (T, B, H) holds on entry the read-out's gradient
     reaching the top layer's h_t (it is then reused for the gradient reaching each layer below);
     each layer's pre-activation gradients da_t (t >= t_stop) give its weight gradients and, through
@@ -312,7 +324,8 @@ def _backward(net, x, layers, dH, t_stop, sq, grads=None):
 
     When ``grads`` is a dict the gradients of the recurrent layers and the embedding are put in it
     (this thread's scratch arrays); else only ``sq`` is accumulated (the probe, see
-    jit.backward_rows)."""
+    jit.backward_rows).  ``m_in`` (T, B, in): the input dropout masks of the forward pass (the
+    layers' X are the masked inputs already; the embedding's gradient goes through the mask)."""
     kind, act = _codes(net)
     for l in reversed(range(net.num_layers)):
         p = net.layer(l)
@@ -320,14 +333,16 @@ def _backward(net, x, layers, dH, t_stop, sq, grads=None):
         Whh = np.ascontiguousarray(p["weight_hh"], dtype=net.dtype)
         jit.backward_rows(kind, act, L.D, L.Hs, L.Cs, L.TC, dH, Whh, t_stop, sq, 0, L.D.shape[1])
         if l > 0 or grads is not None:
-            _layer_grads(net, l, p, L, x[t_stop:], L.D[t_stop:], dH[t_stop:], t_stop, grads)
+            _layer_grads(net, l, p, L, x[t_stop:], L.D[t_stop:], dH[t_stop:], t_stop, grads,
+                         None if m_in is None else m_in[t_stop:])
 
 
-def _layer_grads(net, l, p, L, x, DA, dX, t_stop, grads):
+def _layer_grads(net, l, p, L, x, DA, dX, t_stop, grads, m_in=None):
     """Eq. (15)'s sum over steps of b_k . dS/dtheta for layer l's parameters (DA (T', B, G*H) the
     pre-activation gradients of steps t_stop..T-1), put in ``grads`` when it is a dict, and the
     gradient reaching the layer's input: written into dX (T', B, H) for a layer below, or
-    scattered into the embedding's gradient."""
+    scattered into the embedding's gradient (through the input dropout mask ``m_in`` (T', B, in)
+    when given: the VJP of E[x_t] * m_t^in)."""
     T = L.D.shape[0]
     DA2 = DA.reshape(-1, DA.shape[2])
     if grads is not None:
@@ -354,6 +369,8 @@ def _layer_grads(net, l, p, L, x, DA, dX, t_stop, grads):
         dE.fill(0)
         dX0 = _ws().get("dX0", (DA2.shape[0], E.shape[1]), net.dtype)
         np.matmul(DA2, p["weight_ih"], out=dX0)
+        if m_in is not None:
+            dX0 *= m_in.reshape(dX0.shape)
         jit.scatter_add_rows(np.ascontiguousarray(x.reshape(-1)), dX0, dE)
 
 
@@ -610,15 +627,46 @@ def _small_call(net, x, y, S, chunks, K2, loss, scale, probe, n_tokens):
 
 
 # --- the three operations -----------------------------------------------------------------------
-def bptt(net, x, y, S, K1, K2, loss):
+def takes_masks(op, net):
+    """Whether this module's ``op`` takes dropout masks (the keyword ``masks``, as the reference)
+    for ``net``: ``bptt`` and ``step_losses`` of every network :func:`supports` accepts (a masked
+    call runs layer by layer, :func:`_masked_rows`); never the probe, which has no dropout.
+    Asked by ``npbptt.backends.resolve``."""
+    return op in ("bptt", "step_losses") and supports(net)
+
+
+def _masked_rows(masks, r0, r1):
+    """(input, output) dropout masks of batch rows r0:r1, C-contiguous; (None, None) without."""
+    if masks is None:
+        return None, None
+    return _rows(masks.input, r0, r1), _rows(masks.output, r0, r1)
+
+
+def _dropped(Htop, m_out):
+    """The read-out's input: Htop (K, B, H) times the output dropout mask m_out (K, B, H) in a
+    scratch array, or Htop itself without a mask."""
+    if m_out is None:
+        return Htop
+    return np.multiply(Htop, m_out, out=_ws().get("Hdrop", Htop.shape, Htop.dtype))
+
+
+def bptt(net, x, y, S, K1, K2, loss, masks=None):
     """BPTT(K1, K2) on one chunk by recursion (16); must equal ``npbptt.bptt.bptt_reference``
-    (same arguments, same (loss, grads, S_T))."""
+    (same arguments, same (loss, grads, S_T)).  A tied network runs as its untied view
+    (``shared.untied``); with dropout ``masks`` the layer-by-layer path runs, whatever the
+    network's size (the small path's kernels take no masks)."""
+    net, fold = _untied(net)
+    value, grads, S_T = _bptt(net, x, y, S, K1, K2, loss, masks)
+    return value, (grads if fold is None else fold(grads)), S_T
+
+
+def _bptt(net, x, y, S, K1, K2, loss, masks):
     T, B = x.shape[:2]
     K1 = min(K1, T - 1)
     t0 = T - 1 - K1                                      # the state entering step t0 is constant
     Tw, H = K1 + 1, net.hidden_size
     chunks = _chunks(net, B)
-    if _small_path(net, chunks):
+    if masks is None and _small_path(net, chunks):
         if t0 > 0:                                       # the state entering the window
             S = _combine_states(_parallel(
                 lambda r0, r1: _advance(net, _rows(x[:t0], r0, r1), tuple(s[:, r0:r1] for s in S)),
@@ -630,17 +678,22 @@ def bptt(net, x, y, S, K1, K2, loss):
     def rows(r0, r1):
         Bc = r1 - r0
         xc, Sc = _rows(x, r0, r1), tuple(s[:, r0:r1] for s in S)
+        m_in, m_out = _masked_rows(masks, r0, r1)
         if t0 > 0:
-            Sc = _advance(net, xc[:t0], Sc)
-        layers, S_T = _forward(net, xc[t0:], Sc)
+            Sc = _advance(net, xc[:t0], Sc, None if m_in is None else m_in[:t0])
+        m_in = None if m_in is None else m_in[t0:]
+        layers, S_T = _forward(net, xc[t0:], Sc, m_in)
         dH = _ws().get("dH", (Tw, Bc, H), net.dtype)
         dH[:Tw - K2] = 0
         # Eq. (16), k < K2: the losses' gradients dL_{s-k}/dS_{s-k}, with the 1/B of the batch
-        # mean and the 1/K2 of Eq. (15) folded in
+        # mean and the 1/K2 of Eq. (15) folded in (through the output dropout mask, if any)
         grads = {}
-        ell = _readout_backward(net, layers[-1].Hs[Tw - K2 + 1:], _rows(y[T - K2:], r0, r1), loss,
-                                1.0 / (B * K2), dH[Tw - K2:], grads)
-        _backward(net, xc[t0:], layers, dH, 0, np.empty((0, Bc), net.dtype), grads)
+        m_top = None if m_out is None else m_out[T - K2:]
+        ell = _readout_backward(net, _dropped(layers[-1].Hs[Tw - K2 + 1:], m_top),
+                                _rows(y[T - K2:], r0, r1), loss, 1.0 / (B * K2), dH[Tw - K2:], grads)
+        if m_top is not None:
+            dH[Tw - K2:] *= m_top                        # VJP of the output mask
+        _backward(net, xc[t0:], layers, dH, 0, np.empty((0, Bc), net.dtype), grads, m_in)
         return ell.sum(axis=1), grads, S_T
 
     parts = _parallel(rows, chunks)
@@ -650,9 +703,10 @@ def bptt(net, x, y, S, K1, K2, loss):
     return value, grads, _combine_states([p[2] for p in parts])
 
 
-def step_losses(net, x, y, S, loss):
+def step_losses(net, x, y, S, loss, masks=None):
     """Forward pass only: the batch-mean loss of every step (T,) and the final state; must equal
-    ``npbptt.bptt.step_losses_reference``."""
+    ``npbptt.bptt.step_losses_reference`` (with ``masks``: of the masked network)."""
+    net, _ = _untied(net)
     T, B = x.shape[:2]
     H, O = net.hidden_size, net.output_size
     W = net.params["decoder.weight"]
@@ -660,13 +714,15 @@ def step_losses(net, x, y, S, loss):
     def rows(r0, r1):
         Bc = r1 - r0
         xc, yc, Sc = _rows(x, r0, r1), _rows(y, r0, r1), tuple(s[:, r0:r1] for s in S)
+        m_in, m_out = _masked_rows(masks, r0, r1)
         Tb = _block_steps(net, Bc, O)
         ell_sum = np.empty(T, np.float64)
         for a in range(0, T, Tb):
             b = min(a + Tb, T)
-            layers, Sc = _forward(net, xc[a:b], Sc)
+            layers, Sc = _forward(net, xc[a:b], Sc, None if m_in is None else m_in[a:b])
+            Htop = _dropped(layers[-1].Hs[1:], None if m_out is None else m_out[a:b])
             out = _ws().get("logits", ((b - a) * Bc, O), net.dtype)
-            np.matmul(layers[-1].Hs[1:].reshape(-1, H), W.T, out=out)
+            np.matmul(Htop.reshape(-1, H), W.T, out=out)
             yi, yf = _targets(net, loss, yc[a:b])
             ell = np.empty(out.shape[0], np.float64)
             _loss_rows(net, loss, out, yi, yf, 1.0, False, ell)
@@ -680,7 +736,8 @@ def step_losses(net, x, y, S, loss):
 
 def grad_norms(net, x, y, S, loss):
     """phi (T, B), phi[k, b] = ||d ell_T^(b) / d S_{T-k}|| (Eq. 18) by BPTT(T-1, 1); must equal
-    ``npbptt.probe.grad_norms_reference``."""
+    ``npbptt.probe.grad_norms_reference`` (no dropout: the probe measures the stock network)."""
+    net, _ = _untied(net)
     T, B = x.shape[:2]
     H = net.hidden_size
     chunks = _chunks(net, B)

@@ -28,6 +28,7 @@ forced; validation/gpu_check.sh).  Timings: validation/bench_gpu.py, validation/
 import numpy as np
 
 from .shared import BLOCK_ELEMENTS as _BLOCK_ELEMENTS, carve as _carve, supports  # noqa: F401
+from .shared import untied as _untied
 
 __all__ = ["bptt", "step_losses", "grad_norms", "is_available"]
 
@@ -279,7 +280,9 @@ def _backward(dn, x, layers, dH, t_stop, sq, gv=None):
 
 
 def bptt(net, x, y, S, K1, K2, loss):
-    """BPTT(K1, K2) on the GPU; must equal ``npbptt.bptt.bptt_reference``."""
+    """BPTT(K1, K2) on the GPU; must equal ``npbptt.bptt.bptt_reference`` (a tied network as its
+    untied view, ``shared.untied``)."""
+    net, fold = _untied(net)
     dn = _Net(net)
     T, B = x.shape[:2]
     K1 = min(K1, T - 1)
@@ -304,12 +307,12 @@ def bptt(net, x, y, S, K1, K2, loss):
             grads[name] = grads[name.replace("bias_hh", "bias_ih")].copy()
         else:
             grads[name] = host[name].reshape(v.shape)
-    return value, grads, S_T
+    return value, (grads if fold is None else fold(grads)), S_T
 
 
 def step_losses(net, x, y, S, loss):
     """Forward losses on the GPU; must equal ``npbptt.bptt.step_losses_reference``."""
-    dn = _Net(net)
+    dn = _Net(_untied(net)[0])
     T, B = x.shape[:2]
     Tb = max(1, _BLOCK_ELEMENTS // (B * max(dn.O, dn.GH)))
     L = np.empty(T)
@@ -328,7 +331,7 @@ def step_losses(net, x, y, S, loss):
 
 def grad_norms(net, x, y, S, loss):
     """phi (T, B) of Eq. (18) on the GPU; must equal ``npbptt.probe.grad_norms_reference``."""
-    dn = _Net(net)
+    dn = _Net(_untied(net)[0])
     T, B = x.shape[:2]
     H = dn.H
     layers, _ = _forward(dn, x, S)

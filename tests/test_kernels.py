@@ -20,10 +20,10 @@ import npbptt
 from npbptt import backends
 from npbptt.bptt import bptt_reference, step_losses_reference
 from npbptt.kernels import cpu
-from npbptt.model import RNN
+from npbptt.model import RNN, DropoutMasks
 from npbptt.probe import grad_norms_reference
 from npbptt.validate import check_inputs
-from problems import make_problem
+from problems import Problem, make_problem
 
 EPS32 = float(np.finfo(np.float32).eps)
 # Floor of the float32 rule: a value formed by a sum with cancellation (c_t = i g + f c_{t-1} of
@@ -199,25 +199,31 @@ def _perturbed(prob, rng, rel=2.0 ** -18):
 N_ROUNDINGS = 8
 
 
-def _float32_errors(prob, K1, K2):
+def _float32_errors(prob, K1, K2, masks=None):
     """{quantity: (reference's error, kernel's error)} of the float32 reference and kernels against
-    the float64 reference (on the same float32-rounded values), for one problem."""
+    the float64 reference (on the same float32-rounded values), for one problem; with dropout
+    ``masks`` (float32-rounded as well) for bptt and step_losses."""
     p32, p64 = _as_float32(prob)
     x, y, S = _validated(p32)
     x64, y64, S64 = _validated(p64)
     loss = prob.loss
+    kw32 = kw64 = {}
+    if masks is not None:
+        kw32 = dict(masks=DropoutMasks(masks.input.astype(np.float32), masks.output.astype(np.float32)))
+        kw64 = dict(masks=DropoutMasks(kw32["masks"].input.astype(np.float64),
+                                       kw32["masks"].output.astype(np.float64)))
     out = {}
-    l64, g64, _ = bptt_reference(p64.net, x64, y64, S64, K1, K2, loss)
-    lr, gr, _ = bptt_reference(p32.net, x, y, S, K1, K2, loss)
-    lk, gk, Sk = cpu.bptt(p32.net, x, y, S, K1, K2, loss)
+    l64, g64, _ = bptt_reference(p64.net, x64, y64, S64, K1, K2, loss, **kw64)
+    lr, gr, _ = bptt_reference(p32.net, x, y, S, K1, K2, loss, **kw32)
+    lk, gk, Sk = cpu.bptt(p32.net, x, y, S, K1, K2, loss, **kw32)
     assert all(v.dtype == np.float32 for v in gk.values()) and all(s.dtype == np.float32 for s in Sk)
     names = list(g64)
     out["grads"] = (_rel_err([gr[n] for n in names], [g64[n] for n in names]),
                     _rel_err([gk[n] for n in names], [g64[n] for n in names]))
     out["loss"] = _rel_err([lr], [l64]), _rel_err([lk], [l64])
-    L64, S64_T = step_losses_reference(p64.net, x64, y64, S64, loss)
-    Lr, Sr_T = step_losses_reference(p32.net, x, y, S, loss)
-    Lk, Sk_T = cpu.step_losses(p32.net, x, y, S, loss)
+    L64, S64_T = step_losses_reference(p64.net, x64, y64, S64, loss, **kw64)
+    Lr, Sr_T = step_losses_reference(p32.net, x, y, S, loss, **kw32)
+    Lk, Sk_T = cpu.step_losses(p32.net, x, y, S, loss, **kw32)
     out["step losses"] = _rel_err([Lr], [L64]), _rel_err([Lk], [L64])
     out["state"] = _rel_err(Sr_T, S64_T), _rel_err(Sk_T, S64_T)
     phi64 = grad_norms_reference(p64.net, x64, y64, S64, loss)
@@ -233,7 +239,7 @@ def test_float32_kernels_error_at_most_twice_the_float32_references(case, path):
         _float32_check(*case)
 
 
-def _float32_check(prob, K1, K2):
+def _float32_check(prob, K1, K2, masks=None):
     """Each quantity's float32 error, as the root mean square over N_ROUNDINGS versions of the
     problem (itself and perturbations at the 2^-18 level, _perturbed), is at most twice the
     float32 reference's, floored at FLOOR32.  A single problem is not enough: where the result is
@@ -242,8 +248,8 @@ def _float32_check(prob, K1, K2):
     and which of them lands closer is luck (hypothesis found a B = H = 1 probe where the reference
     rounded to 0.2 ulp and the kernel to 35; over perturbed copies both average a few ulps)."""
     rng = np.random.default_rng(12345)
-    runs = [_float32_errors(prob, K1, K2)]
-    runs += [_float32_errors(_perturbed(prob, rng), K1, K2) for _ in range(N_ROUNDINGS - 1)]
+    runs = [_float32_errors(prob, K1, K2, masks)]
+    runs += [_float32_errors(_perturbed(prob, rng), K1, K2, masks) for _ in range(N_ROUNDINGS - 1)]
     for what in runs[0]:
         e_ref = np.sqrt(np.mean([r[what][0] ** 2 for r in runs]))
         e_got = np.sqrt(np.mean([r[what][1] ** 2 for r in runs]))
@@ -429,3 +435,128 @@ def test_results_gathered_by_the_caller_when_the_kernels_wait_runs_out():
     assert abs(normal[0] - ref[0]) <= 1e-12 * abs(ref[0])
     _assert_grads_close64(prob, 6, 3, ref[1], normal[1])
     _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss), phi, "phi")
+
+
+# --- tied read-out and dropout masks (issue 18) -------------------------------------------------
+@st.composite
+def lm_problems(draw, max_T=9):
+    """Problems of the language models' features over every supported configuration: a tied
+    read-out (``tie_weights``: logits h E^T + b_dec, input_size = hidden_size, output_size =
+    vocab_size) or not, dropout masks (drawn by ``net.dropout_masks`` at p = 0.2 or 0.5, or
+    arbitrary positive masks) or none, with embedding or dense input, cells, activations, 1-3
+    layers, both losses, batch 1..40; and a valid (K1, K2).  Returns (problem, K1, K2, masks)."""
+    kind = draw(st.sampled_from(["lstm", "rnn"]))
+    act = draw(st.sampled_from(["tanh", "relu", "sigmoid", "linear"])) if kind == "rnn" else "tanh"
+    T, B = draw(st.integers(1, max_T)), draw(st.integers(1, 40))
+    L, H = draw(st.integers(1, 3)), draw(st.integers(1, 9))
+    tied = draw(st.booleans())
+    embedding = tied or draw(st.booleans())
+    V = draw(st.sampled_from([2, 7, 300]))
+    O = V if tied else draw(st.integers(2, 6))
+    E = H if tied else draw(st.integers(1, 5))
+    loss = draw(st.sampled_from(["cross_entropy", "mse"]))
+    p = draw(st.sampled_from([0.2, 0.5]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    cls = npbptt.LSTM if kind == "lstm" else npbptt.RNN
+    kw = dict(activation=act) if kind == "rnn" else {}
+    net = cls(E, H, L, O, vocab_size=V if embedding else None, bias=draw(st.booleans()),
+              seed=int(rng.integers(2**31)), tie_weights=tied, dropout=p, **kw)
+    x = rng.integers(0, V, (T, B)) if embedding else rng.standard_normal((T, B, E))
+    y = rng.integers(0, O, (T, B)) if loss == "cross_entropy" else rng.standard_normal((T, B, O))
+    state = 0.5 * rng.standard_normal((L, B, H))
+    if act == "relu":
+        state = np.abs(state)
+    state = (state, 0.5 * rng.standard_normal((L, B, H))) if kind == "lstm" else state
+    masks = draw(st.sampled_from(["none", "drawn", "arbitrary"]))
+    if masks == "drawn":
+        masks = net.dropout_masks(T, B, rng)
+    elif masks == "arbitrary":
+        masks = DropoutMasks(rng.uniform(0, 2, (T, B, E)), rng.uniform(0, 2, (T, B, H)))
+    else:
+        masks = None
+    K1 = draw(st.integers(0, T + 1))
+    K2 = draw(st.integers(1, min(T, K1 + 1)))
+    return Problem(net, x, y, state, loss), K1, K2, masks
+
+
+def _per_example_masked(prob, K1, K2, masks, name):
+    """sum_b |g_b| / B of gradient ``name`` (the rounding scale of a batch sum, as
+    _assert_grads_close64), with the masks' rows."""
+    x, y, S = _validated(prob)
+    B = x.shape[1]
+    total = 0
+    for b in range(B):
+        kw = {} if masks is None else dict(masks=DropoutMasks(masks.input[:, b:b + 1],
+                                                              masks.output[:, b:b + 1]))
+        g_b = bptt_reference(prob.net, x[:, b:b + 1], y[:, b:b + 1], tuple(s[:, b:b + 1] for s in S),
+                             K1, K2, prob.loss, **kw)[1]
+        total = total + np.abs(g_b[name]) / B
+    return total
+
+
+@settings(max_examples=60, deadline=None)
+@given(lm_problems(), PATHS)
+def test_tied_and_masked_kernels_equal_reference_float64(case, path):
+    """bptt and step_losses with a tied read-out and/or dropout masks, and the probe (no masks)
+    of the tied network, equal the NumPy reference to 1e-12; the gradient has the tied network's
+    names (``embedding.weight`` the sum of both uses, no ``decoder.weight``)."""
+    prob, K1, K2, masks = case
+    x, y, S = _validated(prob)
+    kw = {} if masks is None else dict(masks=masks)
+    with _layers_path(path):
+        l_ref, g_ref, S_ref = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss, **kw)
+        l_got, g_got, S_got = cpu.bptt(prob.net, x, y, S, K1, K2, prob.loss, **kw)
+        L_ref, SL_ref = step_losses_reference(prob.net, x, y, S, prob.loss, **kw)
+        L_got, SL_got = cpu.step_losses(prob.net, x, y, S, prob.loss, **kw)
+        phi = cpu.grad_norms(prob.net, x, y, S, prob.loss)
+    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
+    assert list(g_got) == list(g_ref) == list(prob.net.params)
+    for n in g_ref:
+        assert g_got[n].dtype == np.float64 and g_got[n].shape == g_ref[n].shape, n
+        err = np.abs(g_got[n] - g_ref[n]).max(initial=0.0)
+        if err > 1e-12 * np.abs(g_ref[n]).max(initial=0.0):
+            assert err <= 1e-12 * _per_example_masked(prob, K1, K2, masks, n).max(), (n, err)
+    for a, b in zip(S_ref + SL_ref, S_got + SL_got):
+        _assert_close64(a, b, "state")
+    _assert_close64(L_ref, L_got, "L")
+    _assert_close64(grad_norms_reference(prob.net, x, y, S, prob.loss), phi, "phi")
+
+
+@settings(max_examples=25, deadline=None)
+@given(lm_problems(max_T=7), PATHS)
+def test_tied_and_masked_float32_error_at_most_twice_the_float32_references(case, path):
+    prob, K1, K2, masks = case
+    with _layers_path(path):
+        _float32_check(prob, K1, K2, masks)
+
+
+def test_masks_and_tied_reach_the_kernels_decided_in_one_place():
+    """backends.resolve hands masked bptt / step_losses calls and tied networks to these kernels
+    (``takes_masks``, ``supports``), the probe's masked calls (there are none) and networks with
+    their own step to the reference; a masked call of a small network runs layer by layer, and
+    with all-ones masks it equals the unmasked call to round-off."""
+    net = npbptt.LSTM(6, 6, 1, 9, vocab_size=9, tie_weights=True, dropout=0.2, seed=3)
+    assert cpu.supports(net) and cpu.takes_masks("bptt", net) and cpu.takes_masks("step_losses", net)
+    assert not cpu.takes_masks("grad_norms", net)
+    assert backends.resolve("bptt", "numba", net, masked=True) is cpu.bptt
+    assert backends.resolve("step_losses", "numba", net, masked=True) is cpu.step_losses
+    assert backends.resolve("grad_norms", "numba", net) is cpu.grad_norms
+    assert backends.resolve("grad_norms", "numba", net, masked=True) is grad_norms_reference
+    own = _ShiftedRNN(3, 4, 2, 5, vocab_size=7, seed=1)
+    assert not cpu.takes_masks("bptt", own)
+    assert backends.resolve("bptt", "numba", own, masked=True) is bptt_reference
+    rng = np.random.default_rng(0)
+    T, B = 5, 32
+    x, y = rng.integers(0, 9, (T, B)), rng.integers(0, 9, (T, B))
+    ones = DropoutMasks(np.ones((T, B, 6)), np.ones((T, B, 6)))
+    a = npbptt.bptt(net, x, y, net.init_state(B), 4, 2, backend="numba", masks=ones)
+    b = npbptt.bptt(net, x, y, net.init_state(B), 4, 2, backend="numba")
+    assert "decoder.weight" not in a.grads and list(a.grads) == list(net.params)
+    for n in b.grads:
+        _assert_close64(b.grads[n], a.grads[n], n)
+    masks = net.dropout_masks(T, B, rng)
+    c = npbptt.bptt(net, x, y, net.init_state(B), 4, 2, backend="numba", masks=masks)
+    d = npbptt.bptt(net, x, y, net.init_state(B), 4, 2, backend="numpy", masks=masks)
+    assert c.loss != b.loss and abs(c.loss - d.loss) <= 1e-12 * abs(d.loss)
+    for n in d.grads:
+        _assert_close64(d.grads[n], c.grads[n], n)
