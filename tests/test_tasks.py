@@ -316,3 +316,29 @@ def test_book_order_sweep_writes_table_c3_by_nll_and_its_figures(capsys, tmp_pat
         img = mpimg.imread(tmp_path / "png" / name)
         assert img.shape[0] > 100 and img[..., :3].std() > 0
     assert not (tmp_path / "png" / "figure1.png").exists()      # PPL figures: not for this task
+
+
+@needs_data
+def test_book_order_reproduction_script_smoke(tmp_path):
+    """validation/book_order.py --smoke: a tiny sweep, its Table C.3 beside the paper's, Figure C.3."""
+    import csv
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "validation" / "book_order.py"
+    res = subprocess.run([sys.executable, str(script), "--smoke", "--runs", str(tmp_path / "runs"),
+                          "--results", str(tmp_path / "res")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "NPBPTT_DATA": str(DATA)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = (tmp_path / "res" / "book_order_table_c3.md").read_text()
+    assert "REDUCED" in table and "PPL" not in table
+    assert "| δ = 0.1 |" not in table                      # only the settings that ran
+    line = next(l for l in table.splitlines() if l.startswith("| δ = 0.5 |"))
+    assert line.startswith("| δ = 0.5 | -4.890 (0.003) | -4.733 (0.013) | 3.9662 (0.0043) | 0.3953 (0.0002) |")
+    rows = list(csv.DictReader(open(tmp_path / "res" / "book_order_table_c3.csv")))
+    assert [r["setting"] for r in rows] == ["K = 3", "δ = 0.5"]
+    best = min(read_csv(tmp_path / "runs" / "K3-seed0" / "metrics.csv"), key=lambda r: r["valid_nll"])
+    assert float(rows[0]["test_nll"]) == pytest.approx(best["test_nll"], rel=1e-12)
+    assert float(rows[0]["test_rmse_e3"]) == pytest.approx(1e3 * best["test_rmse"], rel=1e-12)
+    assert f"| {best['test_nll']:.3f} |" in next(l for l in table.splitlines() if l.startswith("| K = 3 |"))
+    for name in ("figure_c3", "figure_c4", "figure3"):
+        assert (tmp_path / "res" / f"book_order_{name}.png").read_bytes()[:4] == b"\x89PNG"
