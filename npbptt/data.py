@@ -8,14 +8,16 @@ against the sha256 of its *uncompressed* content; nothing is cached on disk.
 """
 import gzip
 import hashlib
+import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SHA256", "SequenceData", "batchify", "copy_example", "copy_stream", "copy_task",
-           "load_book_order", "load_ptb", "load_wikitext2", "verify_file"]
+__all__ = ["SHA256", "SHA256_STORED", "COPY_AUTHORS", "SequenceData", "batchify", "copy_example",
+           "copy_stream", "copy_task", "load_book_order", "load_copy_authors", "load_ptb",
+           "load_wikitext2", "verify_file"]
 
 # sha256 of the *uncompressed* files, keyed by path under data_dir (stored as "<key>.gz").
 SHA256 = {
@@ -30,6 +32,14 @@ SHA256 = {
     "book_order/event-1-test.txt": "0e0d660ecfc9621cb4065b52d8002d622ccc4e9f479d7551d4e0a5087c18b5d4",
     "book_order/time-1-test.txt": "87192b7f4d4edb0d29644740244778dda9b87ead9e0dbf0cfbfb700b565ee642",
 }
+# sha256 of files stored as they are (not gzip-compressed), keyed by path under data_dir.
+SHA256_STORED = {
+    "copy_authors/copy_fixed.npz": "104cb6b29f776c193a187330a1ea1c631ff1c549e12c0851948c13b965d2de2c",
+    "copy_authors/copy_variable.npz": "c9801318d4e2e53bbebfe9169bec01b5c6e8f2c31f02aa5b2dc00308771be1e0",
+}
+# The authors' copy files: variant -> (key of SHA256_STORED, m_min, m), their 6 symbols.
+COPY_AUTHORS = {"fixed": ("copy_authors/copy_fixed.npz", 10, 10),
+                "variable": ("copy_authors/copy_variable.npz", 5, 10)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,6 +168,48 @@ def copy_task(T_train=256_000, T_valid=64_000, T_test=64_000, m=10, m_min=None, 
 
 
 # ------------------------------------------------------------------------------- real data files
+def load_copy_authors(data_dir, variant="fixed"):
+    """The copy-task data the paper's own runs loaded (``<data_dir>/copy_authors/``).
+
+    ``variant``: "fixed" (copy_fixed.npz, m = 10) or "variable" (copy_variable.npz, m uniform on
+    [5, 10]).  Each file (sha256 checked, see shared/data/README.md) holds train (4000, 64),
+    valid and test (1000, 64) splits, int64, time-major; 6 input symbols and 6 output classes:
+    0 = blank, 1 = the marker opening each example, 2..5 the data symbols (an example is the
+    marker and m - 1 data symbols, then m blanks; the targets repeat it m steps later).
+
+    Notes
+    -----
+    The files come from the authors' generator (``tbptt/generate_data.py``,
+    ``generate_copy_sequence``), which shifts all columns on each pass of its loop over the
+    columns: the ends of the columns are spliced from fragments.  In copy_variable.npz some recall
+    targets refer to inputs that are no longer in the stream (about 2% of train and 7-9% of
+    valid/test targets; ``validation/copy_authors_data.py``).  Kept as stored: they are the data
+    of the paper's Table C.1.
+    """
+    if variant not in COPY_AUTHORS:
+        raise ValueError(f"variant: expected one of {tuple(COPY_AUTHORS)}, got {variant!r}")
+    key, m_min, m = COPY_AUTHORS[variant]
+    data_dir = Path(data_dir)
+    path, sha = data_dir / key, SHA256_STORED[key]
+    where = f"expected '{path.name}' in {path.parent}, sha256 {sha} (see shared/data/README.md)"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {where}")
+    raw = path.read_bytes()
+    got = hashlib.sha256(raw).hexdigest()
+    if got != sha:
+        raise ValueError(f"checksum mismatch for {path}: its sha256 is {got}; {where}")
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    splits = []
+    for s in ("train", "valid", "test"):
+        x, y = arrays[f"{s}_x"], arrays[f"{s}_y"]
+        splits.append((np.ascontiguousarray(x, dtype=np.int64),
+                       np.ascontiguousarray(y, dtype=np.int64)))
+    label = f"copy-authors(m={m})" if m_min == m else f"copy-authors(m={m_min}..{m})"
+    return SequenceData(*splits, vocab_size=6, n_outputs=6, name=label)
+
+
+
 def verify_file(path, sha256):
     """Check a gzip-compressed file against the sha256 (hex) of its *uncompressed* content.
 

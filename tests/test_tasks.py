@@ -318,6 +318,72 @@ def test_book_order_sweep_writes_table_c3_by_nll_and_its_figures(capsys, tmp_pat
     assert not (tmp_path / "png" / "figure1.png").exists()      # PPL figures: not for this task
 
 
+# --- copy --data authors: the files of the paper's own copy runs (issue 18) ----------------------
+needs_authors = pytest.mark.skipif(not (DATA / "copy_authors").is_dir(),
+                                   reason="shared/data/copy_authors is not here")
+AUTHORS_TINY = ["--T-train", str(64 * 300), "--T-eval", str(64 * 20), "--hidden", "4",
+                "--epochs", "1", "--no-progress"]
+
+
+@needs_authors
+def test_copy_data_authors_end_to_end_variable_file(capsys, tmp_path):
+    """--data authors --m-min 5 trains on copy_variable.npz (the first T/64 steps of each
+    stream), stores data and data_dir in config.json and resumes."""
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", "copy", "--data", "authors", "--m-min", "5", "--K", "5",
+                       "--data-dir", str(DATA), *AUTHORS_TINY, "--out", str(out))
+    assert code == 0, err
+    info = json.loads((out / "config.json").read_text())["info"]
+    assert info["data"] == "authors" and info["data_dir"] == str(DATA)
+    assert info["name"] == "copy-authors(m=5..10)"
+    net, data, _, _ = prepare("copy", K=5, data="authors", m_min=5, data_dir=str(DATA),
+                              T_train=64 * 300, T_eval=64 * 20)
+    with np.load(DATA / "copy_authors" / "copy_variable.npz") as z:
+        np.testing.assert_array_equal(data.train[0], z["train_x"][:300])
+        np.testing.assert_array_equal(data.test[1], z["test_y"][:20])
+    assert net.params["embedding.weight"].shape[0] == 6 and data.n_outputs == 6
+    fixed = prepare("copy", K=5, data="authors", data_dir=str(DATA), T_train=64 * 300,
+                    T_eval=64 * 20)[1]
+    with np.load(DATA / "copy_authors" / "copy_fixed.npz") as z:
+        np.testing.assert_array_equal(fixed.valid[0], z["valid_x"][:20])
+    code, _, err = run(capsys, "train", "copy", "--out", str(out), "--resume", "--epochs", "2",
+                       "--no-progress")
+    assert code == 0, err
+    assert len(read_csv(out / "metrics.csv")) == 2
+
+
+@needs_authors
+@pytest.mark.parametrize("flags, names", [
+    (["--m-min", "6"], "--m-min"), (["--m", "12"], "--m"), (["--batch", "32"], "--batch"),
+    (["--n-symbols", "4"], "--n-symbols"), (["--T-train", str(64 * 5000)], "--T-train"),
+])
+def test_copy_data_authors_refuses_flags_that_do_not_fit(capsys, tmp_path, flags, names):
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", "copy", "--data", "authors", "--K", "5", *flags,
+                       "--data-dir", str(DATA), "--no-progress", "--out", str(out))
+    assert code == 2 and one_line(err).startswith(f"npbptt train: error: {names}:")
+    assert not out.exists()
+
+
+def test_copy_data_authors_needs_a_data_directory(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("NPBPTT_DATA", raising=False)
+    out = tmp_path / "r"
+    code, _, err = run(capsys, "train", "copy", "--data", "authors", "--K", "5", "--out", str(out))
+    assert code == 2 and "--data-dir" in one_line(err) and "data='authors'" in err
+    code, _, err = run(capsys, "train", "copy", "--data", "author", "--K", "5", "--out", str(out))
+    assert code == 2 and "--data" in one_line(err) and "authors" in err
+    missing = tmp_path / "empty"
+    missing.mkdir()
+    code, _, err = run(capsys, "train", "copy", "--data", "authors", "--K", "5", "--data-dir",
+                       str(missing), "--out", str(out))
+    line = one_line(err)
+    assert code == 2 and "copy_fixed.npz" in line and str(missing / "copy_authors") in line
+    assert D.SHA256_STORED["copy_authors/copy_fixed.npz"] in line
+    assert not out.exists()
+    # the generated data need no directory, as before
+    assert prepare("copy", K=5, T_train=64 * 300, T_eval=640)[3]["data_dir"] is None
+
+
 @needs_data
 def test_book_order_reproduction_script_smoke(tmp_path):
     """validation/book_order.py --smoke: a tiny sweep, its Table C.3 beside the paper's, Figure C.3."""

@@ -35,15 +35,18 @@ def get_task(name):
     return TASKS[name]
 
 
-def data_dir_of(task, data_dir):
+def data_dir_of(task, data_dir, values=None):
     """The data directory of a task that reads files: ``data_dir``, else the ``NPBPTT_DATA``
-    environment variable; ValueError when neither is set.  None for a task without files."""
-    if not task.needs_data:
+    environment variable; ValueError when neither is set.  None for a task without files
+    (``values``: the run's checked settings, where a setting decides, e.g. copy ``data``)."""
+    if not (task.reads_files(values) if values is not None else task.needs_data is True):
         return None
     if data_dir is None or data_dir == "":
         data_dir = os.environ.get("NPBPTT_DATA") or None
     if data_dir is None:
-        raise ValueError(f"data_dir: task {task.name!r} reads its data from a directory: give "
+        raise ValueError(f"data_dir: task {task.name!r}"
+                         + (" with data='authors'" if callable(task.needs_data) else "")
+                         + " reads its data from a directory: give "
                          "data_dir (--data-dir DIR) or set the NPBPTT_DATA environment variable")
     return str(Path(data_dir))
 
@@ -64,7 +67,7 @@ def prepare(task, *, K=None, delta=None, seed=0, dtype="float64", data_dir=None,
     values = task.values(task_kw, quick)
     config = TrainConfig(K=K, delta=delta, seed=int(seed),
                          **{"loss": task.loss, **task.training(train_kw, quick)})
-    where = data_dir_of(task, data_dir)
+    where = data_dir_of(task, data_dir, values)
     try:
         net, data = task.build(values, int(seed), dtype, where)
     except FileNotFoundError as e:                   # a missing data file is a bad data_dir

@@ -26,7 +26,8 @@ class Setting:
     """One task setting.  ``type``: int, float, bool or str; ``default`` may be None where
     ``nullable`` (e.g. "all the data"); ``minimum`` bounds ints and floats from below
     (``exclusive``: strictly); ``maximum`` from above, strictly; ``quick``: the value under
-    ``--quick`` (``Setting.SAME``: unchanged); ``none``: what None means, for ``--help``."""
+    ``--quick`` (``Setting.SAME``: unchanged); ``none``: what None means, for ``--help``;
+    ``choices``: the allowed values of a str setting (None: any string)."""
     key: str
     type: type
     default: object
@@ -37,6 +38,7 @@ class Setting:
     exclusive: bool = False
     nullable: bool = False
     none: str = "none"          # what None means, for --help ("all": all the data)
+    choices: tuple | None = None
     SAME = "<same>"
 
     @property
@@ -65,6 +67,8 @@ class Setting:
             lo_bad = self.minimum is not None and (v <= self.minimum if self.exclusive else v < self.minimum)
             hi_bad = self.maximum is not None and v >= self.maximum
             ok = not (lo_bad or hi_bad)
+        if ok and self.choices is not None:
+            ok = v in self.choices
         if not ok:
             raise ValueError(f"{name}: expected {self._what()}, got {v!r}")
         return float(v) if self.type is float else (bool(v) if self.type is bool else v)
@@ -72,6 +76,8 @@ class Setting:
     def _what(self):
         kind = {int: "an integer", float: "a finite real number", bool: "True or False",
                 str: "a string"}[self.type]
+        if self.choices is not None:
+            kind = "one of " + ", ".join(repr(c) for c in self.choices)
         if self.minimum is not None:
             kind += f" {'>' if self.exclusive else '>='} {self.minimum:g}"
         if self.maximum is not None:
@@ -90,7 +96,8 @@ class Task:
     build : ``build(values, seed, dtype, data_dir) -> (net, data)``, ``values`` the checked
         settings; ``data`` has ``train``, ``valid``, ``test`` splits (x, y) of shape (T, B, ...)
         and a ``name``
-    needs_data : the task reads files from a data directory (``data_dir`` / ``NPBPTT_DATA``)
+    needs_data : the task reads files from a data directory (``data_dir`` / ``NPBPTT_DATA``):
+        True, False, or ``needs_data(values) -> bool`` when a setting decides (copy ``data``)
     stream_steps : ``stream_steps(values) -> (T, setting)``: the steps of each training stream
         and the setting that decides it, when known before the data are read (else None)
     metrics : None, or ``metrics(net, valid, test, backend) -> dict``: the task's own columns of
@@ -103,7 +110,7 @@ class Task:
     train_defaults: dict
     quick_train: dict
     build: object
-    needs_data: bool = False
+    needs_data: object = False
     stream_steps: object = None
     metrics: object = None
     loss: str = "cross_entropy"
@@ -111,6 +118,10 @@ class Task:
 
     def __post_init__(self):
         object.__setattr__(self, "by_key", {s.key: s for s in self.settings})
+
+    def reads_files(self, values):
+        """True when a run with the checked settings ``values`` reads a data directory."""
+        return bool(self.needs_data(values) if callable(self.needs_data) else self.needs_data)
 
     def values(self, given, quick=False):
         """The task's settings: defaults (``quick``: the quick ones) updated with ``given``,
