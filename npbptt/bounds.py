@@ -37,6 +37,15 @@ Notes
   where it differs from the paper: see :func:`beta_hat`, :func:`E_hat`, :func:`Delta_hat`. Its
   numerical guards (adding 1e-100 before the log, OLS dropping log values < -50) are replaced by
   the exact log-space handling above and are not reproduced.
+* Eq. (24)'s denominator: the authors' code (``calculate_gradient_norms`` with the default
+  ``cum_grad_norm_approx=False``) does not use P[sum_{k'<=k} phi_k'] but the norm of the summed
+  gradient *vector*, C_vec(k) = ||P_S[sum_{k'<=k} dl_s/dS_{s-k'}]|| (all layers' h and c
+  concatenated), which :func:`summed_gradient_norm` computes from the per-lag state gradients.
+  ``Delta_hat``, ``delta_hat`` and ``kappa_hat`` take it as ``cum=``; without it (the default,
+  and what the trainer does: its probe returns the norms phi only) both variants use
+  P[sum phi_k].  By the triangle inequality C_vec(k) <= P[sum_{k'<=k} phi_k'], so the default
+  denominator is the larger: Delta_hat is smaller, and kappa_hat(delta) at most the K that the
+  authors' code picks from the same probe.
 """
 from dataclasses import dataclass
 
@@ -44,8 +53,8 @@ import numpy as np
 
 from .validate import is_int
 
-__all__ = ["Truncation", "P_hat", "beta_hat", "E_hat", "cumulative_norm", "Delta_hat",
-           "delta_hat", "kappa_hat"]
+__all__ = ["Truncation", "P_hat", "beta_hat", "E_hat", "cumulative_norm", "summed_gradient_norm",
+           "Delta_hat", "delta_hat", "kappa_hat"]
 
 _METHODS = ("max", "quantile", "ols")
 _VARIANTS = ("paper", "authors")
@@ -262,7 +271,31 @@ def cumulative_norm(phi_mean, K, beta, tau_hat, norm="state"):
     return _cum(p, np.atleast_1d(K), beta, tau).reshape(K.shape)[()]
 
 
-def Delta_hat(phi_mean, K, beta, tau_hat, variant="paper", norm="state"):
+def summed_gradient_norm(grads):
+    """C_vec(k) = ||(1/S) sum_s sum_{k'=0}^{k} grads[k', s]||, k = 0..R: the authors' denominator
+    curve of Eq. (24) (module Notes).
+
+    ``grads`` (R+1, S, D): grads[k, s] = dl_s/dS_{s-k}, the gradient of example s's loss with
+    respect to the state k steps back, flattened (all layers' h, plus c).  Returns (R+1,).
+    """
+    g = np.asarray(grads, dtype=float)
+    if g.ndim != 3 or g.shape[0] < 2 or not np.all(np.isfinite(g)):
+        raise ValueError(f"grads: expected a finite 3-D array (R+1, S, D) with R+1 >= 2, "
+                         f"got shape {g.shape}")
+    c = np.cumsum(g.mean(axis=1), axis=0)
+    return np.sqrt((c * c).sum(axis=1))
+
+
+def _check_cum(cum, R1):
+    if cum is None:
+        return None
+    c = _array(cum, "cum", 1, f"a 1-D array of R+1 = {R1} cumulative norms")
+    if c.size != R1:
+        raise ValueError(f"cum: expected R+1 = {R1} values (one per lag 0..R), got {c.size}")
+    return c
+
+
+def Delta_hat(phi_mean, K, beta, tau_hat, variant="paper", norm="state", cum=None):
     """Eq. (24), the estimated relative-bias bound, with M cancelled (Sec. 4.3):
 
         Delta_hat(K) = E_hat(K) / max_{k <= K} (C(k) - E_hat(k)),   E_hat with M = 1,
@@ -270,31 +303,43 @@ def Delta_hat(phi_mean, K, beta, tau_hat, variant="paper", norm="state"):
     inf where the denominator is not positive (or beta >= 1). ``phi_mean`` (R+1,); ``K`` int or int
     array >= 0 -> K's shape. Scale-free: phi_mean is divided by its maximum first.
 
+    ``cum`` (R+1,), optional: the denominator's curve C(k), k = 0..R, in place of
+    P[sum_{k'<=k} phi_k'] -- the authors' code uses :func:`summed_gradient_norm`, the norm of the
+    summed gradient vector (module Notes).  Beyond the window (K > R) the denominator then stays
+    max_{k <= R} (C(k) - E_hat(k)) (C_vec is not extrapolated).
+
     Notes
     -----
     variant="authors" (their log_lower_total_grad_norm_estimate): E_hat of that variant and the
     denominator max_{0 <= k <= R} (C(k) - E_hat(k)) over the whole window, the same for every K.
+    Their C(k) is C_vec(k) (``cum=summed_gradient_norm(...)``); without ``cum`` it is
+    P[sum phi_k] >= C_vec(k), so Delta_hat is at most theirs.
 
     norm="param": of psi, M = 1 (no M to cancel), C(K) = P[sum_{k<=K} psi_k] (module Notes).
     """
     p = _check_curve(phi_mean, norm)
     tau, K, beta = _check_tau(tau_hat, p.size - 1, default=False), _check_K(K), _check_beta(beta)
     _check_options(variant)
+    c = _check_cum(cum, p.size)
     K1 = np.atleast_1d(K)
     out = np.full(K1.shape, np.inf)
     if beta >= 1:
         return out.reshape(K.shape)[()]
     if p.max() > 0:
+        if c is not None:
+            c = c / p.max()                                          # the same scale as phi
         p = p / p.max()
     logp, R = _log(p), p.size - 1
     E = lambda k: np.exp(_log_E(logp, k, beta, tau, variant))      # noqa: E731
     k = np.arange(R + 1)
-    D = _cum(p, k, beta, tau) - E(k)                                 # C(k) - E_hat(k), k = 0..R
+    C = _cum(p, k, beta, tau) if c is None else c
+    D = C - E(k)                                                     # C(k) - E_hat(k), k = 0..R
     if variant == "paper":
         den = np.maximum.accumulate(D)[np.minimum(K1, R)]
         big = K1 > R    # beyond R, C grows and E_hat decays (K >= tau): the max is at K or <= R
         if np.any(big):
-            den[big] = np.maximum(D.max(), _cum(p, K1[big], beta, tau) - E(K1[big]))
+            den[big] = (D.max() if c is not None else
+                        np.maximum(D.max(), _cum(p, K1[big], beta, tau) - E(K1[big])))
     else:
         den = np.full(K1.shape, D.max())
     ok = den > 0
@@ -304,22 +349,24 @@ def Delta_hat(phi_mean, K, beta, tau_hat, variant="paper", norm="state"):
 
 
 # --- Eq. (25): adaptive truncation ------------------------------------------------------------
-def delta_hat(phi, K, tau_hat=None, method="ols", alpha=0.1, variant="paper", norm="state"):
+def delta_hat(phi, K, tau_hat=None, method="ols", alpha=0.1, variant="paper", norm="state",
+              cum=None):
     """The estimated relative bias Delta_hat(K) (Eq. 24) of truncation K, from ``phi`` (R+1, S),
     beta estimated as in :func:`kappa_hat` (used to report the delta of fixed-K runs).
-    ``norm="param"``: from psi (module Notes)."""
+    ``norm="param"``: from psi (module Notes); ``cum``: as :func:`Delta_hat`."""
     p = P_hat(phi, norm)
     tau = _check_tau(tau_hat, p.size - 1)
     b = beta_hat(p, tau, method, alpha, variant)
-    return Delta_hat(p, K, b, tau, variant)
+    return Delta_hat(p, K, b, tau, variant, cum=cum)
 
 
 def kappa_hat(phi, delta, K_min, K_max, tau_hat=None, method="ols", alpha=0.1, variant="paper",
-              norm="state"):
+              norm="state", cum=None):
     """Eq. (25): the smallest K in [K_min, K_max] with Delta_hat(K) < delta. Returns a Truncation.
 
     ``phi`` (R+1, S) finite, >= 0, R+1 >= 2; ``delta`` in (0, 1); 1 <= K_min <= K_max;
-    ``tau_hat`` in [0, R) (default floor(9R/10)); ``method``/``alpha``/``variant`` as in beta_hat.
+    ``tau_hat`` in [0, R) (default floor(9R/10)); ``method``/``alpha``/``variant`` as in beta_hat;
+    ``cum`` (R+1,) as in :func:`Delta_hat` (the authors' code: :func:`summed_gradient_norm`).
     beta_hat >= 1 -> K_max, "beta_ge_1"; no K meets delta -> K_max, "no_K_meets_delta"; all phi zero
     -> K_min, "underflow" (Delta_hat is then 0/0, reported as inf). Memory O(K_max - K_min).
 
@@ -341,7 +388,7 @@ def kappa_hat(phi, delta, K_min, K_max, tau_hat=None, method="ols", alpha=0.1, v
     if b >= 1:
         return Truncation(int(K_max), b, tau, np.inf, "beta_ge_1")
     Ks = np.arange(K_min, K_max + 1)
-    D = Delta_hat(p, Ks, b, tau, variant)
+    D = Delta_hat(p, Ks, b, tau, variant, cum=cum)
     hit = np.flatnonzero(D < delta)
     if hit.size == 0:
         return Truncation(int(K_max), b, tau, float(D[-1]), "no_K_meets_delta")

@@ -297,3 +297,104 @@ GOOD = geometric(20, 0.8)[:, None] * np.ones((1, 3))
 def test_bad_arguments_raise_value_error(call, name):
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         call()
+
+
+# --- the authors' denominator of Eq. (24): the norm of the summed gradient vector ---------------
+from npbptt.bounds import summed_gradient_norm  # noqa: E402
+
+_EPS = 1e-100
+
+
+def _authors_adaptive_K(grad_norm, cum_grad_norm, tau, delta):
+    """A transcription of aicherc/adaptive_tbptt tbptt/adaptive_truncation.py at 1bab866:
+    adaptive_K_estimate(..., beta_estimate_method='ols') with estimate_logbeta_ols,
+    log_abs_error_estimate, log_lower_total_grad_norm_estimate, log_rel_error_estimate.
+    Returns (K_est, rel_error over trun_range = 1..seq_len)."""
+    seq_len = grad_norm.shape[0]
+    trun_range = np.arange(seq_len) + 1
+    lg = np.log(np.mean(grad_norm, axis=1) + _EPS)
+    lcum = np.log(cum_grad_norm + _EPS)
+    Y, X = lg.copy(), np.arange(seq_len, dtype=float)              # estimate_logbeta_ols
+    X[Y < -50], Y[Y < -50] = np.nan, np.nan
+    logbeta = np.nansum((X - np.nanmean(X)) * (Y - np.nanmean(Y))) / np.nansum((X - np.nanmean(X)) ** 2)
+
+    def abs_err(tr):                                                # log_abs_error_estimate
+        lse = np.zeros(tau + 1)
+        lse[tau] = lg[tau]
+        for t in reversed(range(tau)):
+            lse[t] = np.logaddexp(lse[t + 1], lg[t])
+        out = np.zeros_like(tr, dtype=float)
+        assert logbeta < 0
+        out[tr < tau] = np.logaddexp(lse[tr[tr < tau]], lg[tau] - np.log(1 - np.exp(logbeta)))
+        out[tr >= tau] = lg[tau] + (tr[tr >= tau] - tau) * logbeta - np.log(1 - np.exp(logbeta))
+        return out
+
+    lo_range = np.arange(0, seq_len)                                # log_lower_total_grad_norm
+    ae = abs_err(lo_range)
+    bound = lcum > ae
+    lows = np.full(seq_len, -np.inf)
+    lows[bound] = lcum[bound] + np.log(1.0 - np.exp(ae[bound] - lcum[bound]))
+    rel = abs_err(trun_range) - np.max(lows)
+    if np.all(rel > np.log(delta + _EPS)):
+        return trun_range[-1], np.exp(rel)
+    return trun_range[np.argmax(rel < np.log(delta + _EPS))], np.exp(rel)
+
+
+def _state_grads(R, S, D, beta, seed):
+    """grads[k, s] (R+1, S, D): random directions, norms c beta^k with noise; a shared mean
+    direction so that the summed vector does not cancel entirely."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((R + 1, S, D)) + 0.7 * rng.standard_normal(D)
+    g /= np.linalg.norm(g, axis=2, keepdims=True)
+    scale = 2.0 * beta ** np.arange(R + 1)[:, None] * np.exp(0.3 * rng.standard_normal((R + 1, S)))
+    return g * scale[:, :, None]
+
+
+def test_summed_gradient_norm_is_the_norm_of_the_summed_mean_vector():
+    g = _state_grads(12, 5, 7, 0.8, 0)
+    want = [np.linalg.norm(sum(g[j, s] for j in range(k + 1) for s in range(5)) / 5)
+            for k in range(13)]
+    np.testing.assert_allclose(summed_gradient_norm(g), want, rtol=1e-12)
+    phi = np.linalg.norm(g, axis=2)                                  # triangle inequality
+    assert np.all(summed_gradient_norm(g) <= np.cumsum(phi.mean(axis=1)) * (1 + 1e-12))
+    assert summed_gradient_norm(g)[-1] < 0.9 * np.cumsum(phi.mean(axis=1))[-1]
+    with pytest.raises(ValueError, match="^grads"):
+        summed_gradient_norm(g[:, :, 0])
+
+
+@pytest.mark.parametrize("seed, beta, delta", [(0, 0.8, 0.1), (1, 0.9, 0.5), (2, 0.85, 0.05),
+                                               (3, 0.7, 0.01)])
+def test_authors_variant_with_summed_vector_norm_matches_the_authors_code(seed, beta, delta):
+    R, tau = 40, 30
+    g = _state_grads(R, 8, 6, beta, seed)
+    phi = np.linalg.norm(g, axis=2)
+    cum = summed_gradient_norm(g)
+    K_auth, rel_auth = _authors_adaptive_K(phi, cum, tau, delta)
+    t = kappa_hat(phi, delta, 1, R + 1, tau_hat=tau, method="ols", variant="authors", cum=cum)
+    assert t.K == K_auth
+    Ks = np.arange(1, R + 2)
+    got = delta_hat(phi, Ks, tau_hat=tau, method="ols", variant="authors", cum=cum)
+    np.testing.assert_allclose(got, rel_auth, rtol=1e-9)
+    # without cum the denominator is P[sum phi_k] >= theirs: Delta_hat smaller, K no larger
+    plain = delta_hat(phi, Ks, tau_hat=tau, method="ols", variant="authors")
+    assert np.all(plain <= got * (1 + 1e-12)) and np.any(plain < 0.95 * got)
+    assert kappa_hat(phi, delta, 1, R + 1, tau_hat=tau, variant="authors").K <= t.K
+
+
+def test_cum_is_checked_and_defaults_to_the_cumulative_phi():
+    phi = np.linalg.norm(_state_grads(20, 4, 5, 0.8, 5), axis=2)
+    p = phi.mean(axis=1)
+    b = beta_hat(p, 15, "ols")
+    for variant in ("paper", "authors"):                            # within the window K <= R
+        np.testing.assert_allclose(
+            Delta_hat(p, np.arange(1, 21), b, 15, variant),
+            Delta_hat(p, np.arange(1, 21), b, 15, variant, cum=np.cumsum(p)), rtol=1e-12)
+    # beyond it, a given cum is not extrapolated: the denominator stays the window's maximum
+    E = E_hat(p, 29, b, 15)
+    den = max(np.cumsum(p)[k] - E_hat(p, k, b, 15) for k in range(21))
+    assert Delta_hat(p, 29, b, 15, cum=np.cumsum(p)) == pytest.approx(E / den, rel=1e-12)
+    assert Delta_hat(p, 29, b, 15) < Delta_hat(p, 29, b, 15, cum=np.cumsum(p))
+    with pytest.raises(ValueError, match="^cum"):
+        Delta_hat(p, 3, b, 15, cum=np.cumsum(p)[:-1])
+    with pytest.raises(ValueError, match="^cum"):
+        kappa_hat(phi, 0.1, 1, 30, cum=-np.cumsum(p))
