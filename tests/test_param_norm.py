@@ -305,3 +305,25 @@ def test_numba_psi_on_a_long_window():
     got = npbptt.grad_norms(p.net, p.x, p.y, p.state, p.loss, norm="param", backend="numba")
     assert np.all(ref[:5] > 0)
     assert np.abs(got - ref).max() <= 1e-12 * np.abs(ref).max()
+
+
+# ----------------------------------------------------------------------------- validation script
+def test_validation_script_quick_smoke(tmp_path, monkeypatch):
+    """validation/param_norm.py --quick end to end (the language model skipped: no
+    NPBPTT_DATA), its report written to a temporary directory: the bound held everywhere and
+    both copy-task runs (phi, psi) are in the training table."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "validation" / "param_norm.py"
+    spec = importlib.util.spec_from_file_location("param_norm_validation", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path)
+    monkeypatch.delenv("NPBPTT_DATA", raising=False)
+    mod.main(["--quick"])
+    md = (tmp_path / "param_norm.md").read_text(encoding="utf-8")
+    assert (tmp_path / "param_norm.png").stat().st_size > 0
+    assert "The ψ bound held in 100% of the cases" in md
+    assert "Not run here: PTB LSTM 1x8 (tied) (no NPBPTT_DATA)" in md
+    rows = [l for l in md.splitlines() if l.startswith("| copy LSTM 2x8 (m = 5) | ")]
+    assert [r.split(" | ")[1] for r in rows] == ["φ", "ψ"]
