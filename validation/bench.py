@@ -6,6 +6,10 @@ Workloads, as in the paper's experiments:
     W2  language-model training step: 1-layer LSTM 512, embedding 512, vocab 10,000, batch 32,
         BPTT(100, 50)
     W3  probe: BPTT(100, 1) per-example state-gradient norms phi (Eq. 18) on W1's model
+    PTB language-model chunk at PTB's size as the LM task trains it (issue 18): 1-layer LSTM 900,
+        embedding 900, vocab 10,000, tied weights, dropout 0.2, batch 32, BPTT(200, 100); npbptt
+        draws the masks of the chunk's 100 new steps each step (``stream(rng=)`` reuses those of
+        the 101 recomputed steps), torch ``nn.Dropout(0.2)`` draws all its masks each step
 
 A "step" is one call on one window of K1 + 1 steps (the gradient, or phi, and the loss), from a
 given state, without the optimizer update.  Contenders, all in this one process: npbptt
@@ -57,7 +61,11 @@ WORKLOADS = {
     "W2": (dict(input_size=512, hidden_size=512, num_layers=1, output_size=10000, vocab_size=10000),
            32, 100, 50),
     "W3": (dict(input_size=6, hidden_size=50, num_layers=2, output_size=8, vocab_size=8), 64, 100, None),
+    "PTB": (dict(input_size=900, hidden_size=900, num_layers=1, output_size=10000, vocab_size=10000,
+                 tie_weights=True, dropout=0.2), 32, 200, 100),
 }
+PTB_TRAIN_TOKENS = 929_589           # PTB's training set (ptb.train.txt with <eos>): an epoch is
+                                     # PTB_TRAIN_TOKENS / (B * K2) chunks of the PTB workload
 
 
 # --- problems and FLOP counts ---------------------------------------------------------------------
@@ -122,6 +130,11 @@ def npbptt_contender(name, dtype, backend, seed):
     net, x, y, state, K1, K2 = make_problem(name, dtype, seed)
     if K2 is None:
         return lambda: npbptt.grad_norms(net, x, y, state, backend=backend)
+    if net.dropout > 0:                  # fresh masks for the K2 new steps, as stream(rng=)
+        rng = np.random.default_rng(seed + 2)
+        held = net.dropout_masks(K1 + 1 - K2, x.shape[1], rng)
+        return lambda: npbptt.bptt(net, x, y, state, K1, K2, backend=backend,
+                                   masks=held.then(net.dropout_masks(K2, x.shape[1], rng)))
     return lambda: npbptt.bptt(net, x, y, state, K1, K2, backend=backend)
 
 
@@ -136,7 +149,10 @@ def torch_modules(net, dtype):
         emb.weight.copy_(torch.from_numpy(net.params["embedding.weight"]))
         for n, p in lstm.named_parameters():
             p.copy_(torch.from_numpy(net.params[n]))
-        dec.weight.copy_(torch.from_numpy(net.params["decoder.weight"]))
+        if net.tie_weights:              # the read-out's weight *is* the embedding's
+            dec.weight = emb.weight
+        else:
+            dec.weight.copy_(torch.from_numpy(net.params["decoder.weight"]))
         dec.bias.copy_(torch.from_numpy(net.params["decoder.bias"]))
     return emb, lstm, dec
 
@@ -147,7 +163,8 @@ def torch_contender(name, dtype, seed, device="cpu"):
     import torch
     net, x, y, state, K1, K2 = make_problem(name, dtype, seed)
     emb, lstm, dec = (m.to(device) for m in torch_modules(net, dtype))
-    params = list(emb.parameters()) + list(lstm.parameters()) + list(dec.parameters())
+    params = list({id(p): p for m in (emb, lstm, dec) for p in m.parameters()}.values())
+    drop = torch.nn.Dropout(net.dropout) if net.dropout > 0 else (lambda a: a)   # training mode
     tx, ty = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     h0, c0 = (torch.from_numpy(s).to(device) for s in state)
     T, B = x.shape[:2]
@@ -156,8 +173,8 @@ def torch_contender(name, dtype, seed, device="cpu"):
     def train_step():
         for p in params:
             p.grad = None
-        out, _ = lstm(emb(tx), (h0, c0))
-        logits = dec(out[T - K2:]).reshape(K2 * B, -1)
+        out, _ = lstm(drop(emb(tx)), (h0, c0))
+        logits = dec(drop(out[T - K2:])).reshape(K2 * B, -1)
         loss = torch.nn.functional.cross_entropy(logits, ty[T - K2:].reshape(-1))
         loss.backward()
         sync()
@@ -194,6 +211,8 @@ def jax_contender(name, dtype, seed):
     if dtype == np.float64:
         jax.config.update("jax_enable_x64", True)
     net, x, y, state, K1, K2 = make_problem(name, dtype, seed)
+    if net.tie_weights or net.dropout > 0:
+        return None                       # written for the untied, dropout-free workloads
     L = net.num_layers
     p = {k: jnp.asarray(v) for k, v in net.params.items()}
     T = x.shape[0]
@@ -297,7 +316,7 @@ def run(args):
             dtype = np.dtype(dt).type
             cs = {"npbptt-numba": npbptt_contender(name, dtype, "numba", args.seed),
                   "torch": torch_contender(name, dtype, args.seed)}
-            if not (args.quick and name == "W2"):
+            if not (args.quick and name in ("W2", "PTB")):
                 cs["npbptt-numpy"] = npbptt_contender(name, dtype, "numpy", args.seed)
             j = jax_contender(name, dtype, args.seed)
             if j is not None:
@@ -356,7 +375,7 @@ def summary_rows(times, peaks, baseline):
 
 
 TARGETS = {("W1", "float64"): 0.25, ("W1", "float32"): 0.5, ("W2", "float64"): 1.0,
-           ("W2", "float32"): 1.0, ("W3", "float64"): 0.15}
+           ("W2", "float32"): 1.0, ("W3", "float64"): 0.15, ("PTB", "float32"): 1.0}
 
 
 def table(rows):
@@ -392,6 +411,12 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def ptb_chunks():
+    """Chunks of the PTB workload in one epoch of PTB's training set."""
+    _, B, _, K2 = WORKLOADS["PTB"]
+    return PTB_TRAIN_TOKENS / (B * K2)
 
 
 def split_lists(args):
@@ -451,6 +476,11 @@ def main(argv=None):
                  + ", ".join(f"{r['workload']} {r['dtype']} {r['paired_ratio']:.3f} "
                              f"[{r['paired_ratio_iqr'][0]:.3f}, {r['paired_ratio_iqr'][1]:.3f}]"
                              for r in rows if r["contender"] == "npbptt-numba"))
+    notes += [f"PTB epoch ({PTB_TRAIN_TOKENS:,} tokens = {ptb_chunks():.1f} chunks of "
+              f"{WORKLOADS['PTB'][1]} x {WORKLOADS['PTB'][3]}) at the median step, {r['dtype']}, "
+              f"{r['contender']}: {ptb_chunks() * r['ms_per_step'] / 1e3 / 60:.1f} min (the steps "
+              "alone; stream's forward advance over the K1 + 1 - K steps before each window and the "
+              "SGD update not counted)" for r in rows if r["workload"] == "PTB"]
     notes.append("torch vs npbptt (float64): " + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
     notes.append(f"load average before/after: {info['load_avg_before']} / {info['load_avg_after']}")
     md = text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
