@@ -10,6 +10,10 @@ Workloads, as in the paper's experiments:
         embedding 900, vocab 10,000, tied weights, dropout 0.2, batch 32, BPTT(200, 100); npbptt
         draws the masks of the chunk's 100 new steps each step (``stream(rng=)`` reuses those of
         the 101 recomputed steps), torch ``nn.Dropout(0.2)`` draws all its masks each step
+    BOOK Book Order chunk (issue 19): the RMTPP network (mark embedding 128 beside [gap, t],
+        2-layer LSTM 128, read-out [2 mark logits, u, w]) and loss, batch 64, BPTT(12, 6);
+        npbptt's "numba" backend hands this network to the NumPy reference
+        (``npbptt.backends.resolve``), which bench.md's notes name
 
 A "step" is one call on one window of K1 + 1 steps (the gradient, or phi, and the loss), from a
 given state, without the optimizer update.  Contenders, all in this one process: npbptt
@@ -306,6 +310,92 @@ def jit_cost():
             "cached_first_call_s": times[1][1]}
 
 
+# --- the Book Order chunk (issue 19) -----------------------------------------------------------
+# RMTPPLSTM (npbptt.point_process): mark embedding 128 beside [gap, t], 2-layer LSTM 128, read-out
+# [mark logits, u, w], the RMTPP loss; batch 64, BPTT(12, 6) (K = 6: BPTT(2K, K) as the trainer)
+BOOK = dict(n_marks=2, embed_size=128, hidden_size=128, num_layers=2, batch=64, K1=12, K2=6)
+WORKLOADS["BOOK"] = (dict(input_size=BOOK["embed_size"] + 2, hidden_size=BOOK["hidden_size"],
+                          num_layers=BOOK["num_layers"], output_size=BOOK["n_marks"] + 1,
+                          vocab_size=BOOK["n_marks"]), BOOK["batch"], BOOK["K1"], BOOK["K2"])
+
+
+def book_problem(dtype, seed):
+    """The Book Order network and one chunk of K1 + 1 steps: marks in {0, 1}, exponential gaps
+    of mean 0.015 (the data files' mean gap), the times their running sum."""
+    from npbptt.point_process import RMTPPLSTM
+    b = BOOK
+    net = RMTPPLSTM(b["n_marks"], b["embed_size"], b["hidden_size"], b["num_layers"], dtype=dtype,
+                    seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    T, B = b["K1"] + 2, b["batch"]
+    marks = rng.integers(0, b["n_marks"], (T, B)).astype(np.float64)
+    gaps = rng.exponential(0.015, (T, B))
+    times = np.cumsum(gaps, axis=0)
+    x = np.stack([marks[:-1], gaps[:-1], times[:-1]], axis=2)      # [y_j, t_j - t_(j-1), t_j]
+    y = np.stack([marks[1:], gaps[1:]], axis=2)                    # [y_(j+1), t_(j+1) - t_j]
+    state = tuple(0.1 * rng.standard_normal((b["num_layers"], B, b["hidden_size"])).astype(dtype)
+                  for _ in range(2))
+    return net, x, y, state
+
+
+def book_contenders(dtype, seed):
+    """{contender: step} of the Book Order chunk: npbptt on "numba" and "numpy" (resolve decides
+    what "numba" runs for this network) and torch nn.LSTM with the same parameters and loss."""
+    import torch
+    b = BOOK
+    net, x, y, state = book_problem(dtype, seed)
+    K1, K2, M = b["K1"], b["K2"], b["n_marks"]
+    out = {f"npbptt-{be}": (lambda be=be: npbptt.bptt(net, x, y, state, K1, K2, loss="rmtpp",
+                                                       backend=be)) for be in ("numba", "numpy")}
+    tdt = torch.float64 if dtype == np.float64 else torch.float32
+    emb = torch.nn.Embedding(M, b["embed_size"]).to(tdt)
+    lstm = torch.nn.LSTM(b["embed_size"] + 2, b["hidden_size"], b["num_layers"]).to(tdt)
+    dec = torch.nn.Linear(b["hidden_size"], M + 1).to(tdt)
+    w = torch.nn.Parameter(torch.from_numpy(net.params["decoder.w"].copy()))
+    with torch.no_grad():
+        emb.weight.copy_(torch.from_numpy(net.params["embedding.weight"]))
+        for n, p in lstm.named_parameters():
+            p.copy_(torch.from_numpy(net.params[n]))
+        dec.weight.copy_(torch.from_numpy(net.params["decoder.weight"]))
+        dec.bias.copy_(torch.from_numpy(net.params["decoder.bias"]))
+    params = [*emb.parameters(), *lstm.parameters(), *dec.parameters(), w]
+    xd = torch.from_numpy(x.astype(dtype))
+    mk = torch.from_numpy(x[..., 0].astype(np.int64))
+    ym, dt = torch.from_numpy(y[K1 + 1 - K2:, :, 0].astype(np.int64)), torch.from_numpy(y[K1 + 1 - K2:, :, 1].astype(dtype))
+    h0, c0 = (torch.from_numpy(s) for s in state)
+
+    def torch_step():
+        for p in params:
+            p.grad = None
+        o, _ = lstm(torch.cat([emb(mk), xd[..., 1:]], dim=2), (h0, c0))
+        r = dec(o[K1 + 1 - K2:])
+        u = r[..., M]
+        ce = torch.nn.functional.cross_entropy(r[..., :M].reshape(-1, M), ym.reshape(-1), reduction="none")
+        nll = -u - w * dt + (torch.exp(u + w * dt) - torch.exp(u)) / w     # Du et al., Eq. 12
+        loss = (ce.reshape(K2, -1) + nll).mean()
+        loss.backward()
+        return loss
+
+    out["torch"] = torch_step
+    return out, (net, x, y, state, params)
+
+
+def book_agreement(seed):
+    """torch vs npbptt on the Book Order chunk, float64: the loss and the largest gradient
+    difference relative to the gradient's largest entry; and what "numba" runs for it."""
+    from npbptt.backends import resolve
+    cs, (net, x, y, state, params) = book_contenders(np.float64, seed)
+    loss = cs["torch"]()
+    res = npbptt.bptt(net, x, y, state, BOOK["K1"], BOOK["K2"], loss="rmtpp", backend="numba")
+    names = (["embedding.weight"] + [n for n in net.params if n.startswith(("weight_", "bias_"))]
+             + ["decoder.weight", "decoder.bias", "decoder.w"])
+    diff = max(float(np.abs(p.grad.numpy() - res.grads[n]).max() / np.abs(res.grads[n]).max())
+               for n, p in zip(names, params))
+    fn = resolve("bptt", "numba", net)
+    return {"BOOK loss rel diff": abs(loss.item() - res.loss) / abs(res.loss),
+            "BOOK grad max rel diff": diff}, f"{fn.__module__}.{fn.__name__}"
+
+
 # --- the protocol -------------------------------------------------------------------------------
 def run(args):
     import torch
@@ -314,6 +404,9 @@ def run(args):
     for name in args.workloads:
         for dt in args.dtypes:
             dtype = np.dtype(dt).type
+            if name == "BOOK":                   # its own network and loss (book_contenders)
+                contenders_for[(name, dt)] = book_contenders(dtype, args.seed)[0]
+                continue
             cs = {"npbptt-numba": npbptt_contender(name, dtype, "numba", args.seed),
                   "torch": torch_contender(name, dtype, args.seed)}
             if not (args.quick and name in ("W2", "PTB")):
@@ -459,6 +552,10 @@ def main(argv=None):
             "load_avg_before": os.getloadavg()}
     jit = None if args.no_jit_cost else jit_cost()
     agree = check_agreement(args.seed)
+    book_runs = None
+    if "BOOK" in args.workloads:
+        book_agree, book_runs = book_agreement(args.seed)
+        agree.update(book_agree)
     rows, peaks = run(args)
     info["load_avg_after"] = os.getloadavg()
     out = Path(args.out)
@@ -481,6 +578,10 @@ def main(argv=None):
               f"{r['contender']}: {ptb_chunks() * r['ms_per_step'] / 1e3 / 60:.1f} min (the steps "
               "alone; stream's forward advance over the K1 + 1 - K steps before each window and the "
               "SGD update not counted)" for r in rows if r["workload"] == "PTB"]
+    if book_runs is not None:
+        notes.append(f"BOOK: npbptt's \"numba\" backend runs {book_runs} for RMTPPLSTM "
+                     "(npbptt.backends.resolve: the kernels do not compute its mixed input and "
+                     "two read-outs), so npbptt-numba and npbptt-numpy time the same code")
     notes.append("torch vs npbptt (float64): " + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
     notes.append(f"load average before/after: {info['load_avg_before']} / {info['load_avg_after']}")
     md = text + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
