@@ -395,3 +395,38 @@ def test_artbp_bad_input_names_the_argument():
         next(online.artbp_stream(p.net, p.x, p.y, p.state, rng, c=online.min_length(2, .1)))
     with pytest.raises(ValueError, match="norm must be a finite number"):
         next(online.artbp_stream(p.net, p.x, p.y, p.state, rng, c=0.1, loss=p.loss, norm=0))
+
+
+# --- validation/unbiased.py --smoke -------------------------------------------------------------
+def test_unbiased_comparison_script_smoke(tmp_path):
+    """validation/unbiased.py --smoke: the table (md, csv) and the figure are written, with one
+    row per problem and estimator; RTRL's row is exact, and truncation gets the sign of the
+    influence-balancing gradient wrong (the demonstration the problem is for)."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "validation" / "unbiased.py"
+    res = subprocess.run([sys.executable, str(script), "--smoke", "--results", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = (tmp_path / "unbiased.md").read_text()
+    assert "SMOKE" in md and "REDUCED" in md and "## Training the copy task" in md
+    assert "| TBPTT(1) |" in md.split("## Influence balancing trained online")[1]
+    assert (tmp_path / "unbiased.png").stat().st_size > 1000
+    rows = list(csv.DictReader(open(tmp_path / "unbiased.csv")))
+    problems = {r["problem"] for r in rows}
+    assert len(problems) == 3 and any(p.startswith("influence balancing") for p in problems)
+    want = {"TBPTT(1)", "TBPTT(3)", "adaptive kappa_hat(0.1)", "UORO", "ARTBP(c=0.2)", "RTRL"}
+    for p in problems:
+        assert {r["estimator"] for r in rows if r["problem"] == p} == want
+    for r in rows:
+        if r["estimator"] == "RTRL":
+            assert float(r["bias"]) < 1e-10 and float(r["var"]) == 0
+        if r["estimator"] in ("UORO", "ARTBP(c=0.2)"):
+            assert int(r["N"]) > 1 and float(r["var"]) > 0
+        if r["problem"].startswith("influence") and r["estimator"] == "TBPTT(1)":
+            assert float(r["proj"]) < 0
+    training = md.split("## Training the copy task")[1]
+    for name in want - {"TBPTT(1)"}:                   # the smoke run trains TBPTT(3) only
+        assert f"| {name}" in training
