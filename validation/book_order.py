@@ -115,6 +115,25 @@ def _timing_lines(dirs):
     return lines
 
 
+def _ordering(rows):
+    """Per column, the settings from best to worst, ours and the paper's (on the settings both
+    have), and the number of pairs of settings in the same order (of all pairs)."""
+    out = []
+    for i, (key, name) in enumerate((("valid_nll", "valid NLL"), ("test_nll", "test NLL"),
+                                     ("test_rmse", "RMSE(t)"), ("test_error", "0-1 loss"))):
+        both = [r for r in rows if r["setting"] in PAPER_C3 and not math.isnan(r[key][0])]
+        if len(both) < 2:
+            continue
+        ours = [r["setting"] for r in sorted(both, key=lambda r: r[key][0])]
+        paper = sorted(ours, key=lambda s: PAPER_C3[s][i][0])
+        pos = {s: j for j, s in enumerate(paper)}
+        pairs = [(a, b) for j, a in enumerate(ours) for b in ours[j + 1:]]
+        same = sum(pos[a] < pos[b] for a, b in pairs)
+        out.append(f"- {name}, best to worst: ours {', '.join(ours)}; paper {', '.join(paper)} "
+                   f"({same} of {len(pairs)} pairs in the paper's order)")
+    return out
+
+
 def write_report(runs, results, prefix="book_order", timing=()):
     rows = summarize_runs(runs)
     results.mkdir(parents=True, exist_ok=True)
@@ -170,6 +189,7 @@ def write_report(runs, results, prefix="book_order", timing=()):
                          "paper_test_nll": p[1][0] if p else None,
                          "paper_test_rmse_e3": p[2][0] if p else None,
                          "paper_test_error": p[3][0] if p else None})
+    lines += ["", "## Ordering of the settings", ""] + _ordering(rows)
     secs = [m["seconds"] for r in runs for m in r.metrics if m.get("seconds") is not None]
     lines += ["", "## Time per epoch", ""]
     if secs:
