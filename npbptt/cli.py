@@ -289,6 +289,23 @@ def _run_name(K, delta, seed):
 
 
 # --- train -------------------------------------------------------------------------------------
+def _plot_run(out):
+    """Figure 1's panels (test PPL against data passes, kappa_hat and delta_hat per epoch; for a
+    point-process task Figure C.3's, by NLL) of the run in ``out``, as ``out/figure1.png`` or
+    ``out/figure_c3.png``: its path, or None (with one line on stderr) if it cannot be drawn."""
+    from .plots import collect_runs, figure1, figure_c3
+    try:
+        runs = collect_runs([out])
+        if not runs:
+            return None
+        if runs[0].nll:
+            return figure_c3(runs, Path(out) / "figure_c3.png")
+        return figure1(runs, Path(out) / "figure1.png")
+    except Exception as e:          # a figure is a convenience: never lose a finished run for it
+        print(f"npbptt train: no figure ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
 def _cmd_train(a):
     from .runfiles import CHECKPOINT, CONFIG, check_run_dir, format_metrics
     from .tasks import TASKS, read_config, resume_run, train_task
@@ -363,6 +380,9 @@ def _cmd_train(a):
         raise Interrupted("interrupted before the run started; nothing was written") from None
     print(format_metrics(res.metrics))
     print(f"\nrun directory: {out} (config.json, metrics.csv, checkpoint.npz, phi_best.npz)")
+    figure = _plot_run(out)
+    if figure is not None:
+        print(f"figure: {figure}")
     return 0
 
 

@@ -84,6 +84,9 @@ def test_train_resume_and_refusals(capsys, tmp_path):
     cfg = read_json(out / "config.json")
     assert cfg["train"]["delta"] == 0.5 and cfg["info"]["T_train"] == 480
     assert (out / "checkpoint.npz").is_file() and (out / "phi_best.npz").is_file()
+    # Figure 1's panels, whose path the command prints
+    assert f"figure: {out / 'figure1.png'}" in stdout
+    assert (out / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     code, _, err = run(capsys, "train", "copy", "--delta", "0.5", *TINY, "--out", str(out))
     assert code == 2 and "already holds a run" in one_line_error(err)
