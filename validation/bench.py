@@ -39,7 +39,7 @@ first call).
 Writes validation/results/bench.json, bench.md (the table) and bench.png.
 
     .venv/bin/python validation/bench.py            # the full protocol (~10 minutes)
-    .venv/bin/python validation/bench.py --quick    # 3 rounds, W2 without the NumPy reference
+    .venv/bin/python validation/bench.py --quick    # 3 rounds, W2 and PTB without NumPy
 """
 import argparse
 import json
@@ -526,7 +526,7 @@ def split_lists(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="3 rounds, short gaps, W2 without NumPy")
+    ap.add_argument("--quick", action="store_true", help="3 rounds, short gaps, W2 and PTB without NumPy")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 15; 3 with --quick)")
     ap.add_argument("--gap", type=float, default=None, help="idle seconds before each timing")
     ap.add_argument("--warmup", type=float, default=0.1,
