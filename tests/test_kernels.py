@@ -560,3 +560,34 @@ def test_masks_and_tied_reach_the_kernels_decided_in_one_place():
     assert c.loss != b.loss and abs(c.loss - d.loss) <= 1e-12 * abs(d.loss)
     for n in d.grads:
         _assert_close64(d.grads[n], c.grads[n], n)
+
+
+@settings(max_examples=20, deadline=None)
+@given(lm_problems(max_T=9))
+def test_tied_and_masked_blocked_paths_equal_reference(case):
+    """With tiny memory blocks (step_losses' forward blocks and the steps before the window in
+    blocks of one step, the read-out in blocks of one step) and five uneven batch chunks, the
+    masks of each block and chunk are the right ones: bptt and step_losses still equal the
+    reference."""
+    prob, K1, K2, masks = case
+    x, y, S = _validated(prob)
+    kw = {} if masks is None else dict(masks=masks)
+
+    def five_chunks(net, B):
+        cuts = sorted({0, B, *(B * c * c // 25 for c in range(1, 5))})
+        return list(zip(cuts[:-1], cuts[1:]))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_BLOCK_ELEMENTS", 8)
+        mp.setattr(cpu, "_FUSE_BYTES", 0)
+        mp.setattr(cpu, "_chunks", five_chunks)
+        l_ref, g_ref, _ = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss, **kw)
+        l_got, g_got, _ = cpu.bptt(prob.net, x, y, S, K1, K2, prob.loss, **kw)
+        L_ref, _ = step_losses_reference(prob.net, x, y, S, prob.loss, **kw)
+        L_got, _ = cpu.step_losses(prob.net, x, y, S, prob.loss, **kw)
+    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
+    for n in g_ref:
+        err = np.abs(g_got[n] - g_ref[n]).max(initial=0.0)
+        if err > 1e-12 * np.abs(g_ref[n]).max(initial=0.0):
+            assert err <= 1e-12 * _per_example_masked(prob, K1, K2, masks, n).max(), (n, err)
+    _assert_close64(L_ref, L_got, "L")
