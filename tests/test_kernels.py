@@ -591,3 +591,25 @@ def test_tied_and_masked_blocked_paths_equal_reference(case):
         if err > 1e-12 * np.abs(g_ref[n]).max(initial=0.0):
             assert err <= 1e-12 * _per_example_masked(prob, K1, K2, masks, n).max(), (n, err)
     _assert_close64(L_ref, L_got, "L")
+
+
+def test_tied_and_masked_at_a_wider_layer_float32_and_float64():
+    """A tied LSTM of 96 units (beyond _FUSE_BYTES in float32 and float64: the layer-by-layer
+    path without monkeypatching, W_hh in blocks of 64 gates) with drawn dropout masks, the steps
+    before the window included: float64 equals the reference to 1e-12, float32's error is at most
+    twice the float32 reference's."""
+    rng = np.random.default_rng(96)
+    net = npbptt.LSTM(96, 96, 1, 20, vocab_size=20, tie_weights=True, dropout=0.2, seed=1)
+    T, B = 7, 16
+    x, y = rng.integers(0, 20, (T, B)), rng.integers(0, 20, (T, B))
+    state = tuple(0.5 * rng.standard_normal((1, B, 96)) for _ in range(2))
+    masks = net.dropout_masks(T, B, rng)
+    prob = Problem(net, x, y, state, "cross_entropy")
+    assert not cpu._fused(net, 0) and 32 * 96 ** 2 > cpu._FUSE_BYTES       # float32 too
+    xx, yy, S = _validated(prob)
+    l_ref, g_ref, _ = bptt_reference(net, xx, yy, S, 5, 3, "cross_entropy", masks=masks)
+    l_got, g_got, _ = cpu.bptt(net, xx, yy, S, 5, 3, "cross_entropy", masks=masks)
+    assert abs(l_got - l_ref) <= 1e-12 * abs(l_ref)
+    for n in g_ref:
+        _assert_close64(g_ref[n], g_got[n], n)
+    _float32_check(prob, 5, 3, masks)
