@@ -163,6 +163,8 @@ def contenders(args):
     dtype = np.dtype(args.dtype).type
     data = load_copy_authors(args.data_dir, "fixed")
     x, y = data.train
+    if args.steps is not None:                   # a shorter epoch (the smoke test)
+        x, y = x[:args.steps], y[:args.steps]
     T, B = x.shape
     V = data.vocab_size
     net0 = npbptt.LSTM(V, HIDDEN, LAYERS, data.n_outputs, vocab_size=V, dtype=dtype, seed=args.seed)
@@ -194,12 +196,15 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gap", type=float, default=0.5, help="idle seconds before each epoch")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train on the first STEPS steps of each stream only (default: all 4,000)")
     ap.add_argument("--data-dir", default=os.environ.get("NPBPTT_DATA"),
                     help="the data directory (default: $NPBPTT_DATA)")
     ap.add_argument("--out", default=str(RESULTS), help="directory for e2e_copy_<dtype>.json/.md")
     args = ap.parse_args(argv)
-    if args.K < 1 or args.rounds < 1:
-        raise ValueError(f"--K and --rounds must be >= 1, got {args.K}, {args.rounds}")
+    if args.K < 1 or args.rounds < 1 or (args.steps is not None and args.steps < args.K):
+        raise ValueError(f"--K and --rounds must be >= 1 and --steps >= K, got {args.K}, "
+                         f"{args.rounds}, {args.steps}")
     if not args.data_dir:
         raise ValueError("--data-dir: no data directory (set NPBPTT_DATA or pass --data-dir)")
     fns, tokens = contenders(args)
