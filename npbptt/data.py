@@ -181,10 +181,11 @@ def load_copy_authors(data_dir, variant="fixed"):
     -----
     The files come from the authors' generator (``tbptt/generate_data.py``,
     ``generate_copy_sequence``), which shifts all columns on each pass of its loop over the
-    columns: the ends of the columns are spliced from fragments.  In copy_variable.npz some recall
-    targets refer to inputs that are no longer in the stream (about 2% of train and 7-9% of
-    valid/test targets; ``validation/copy_authors_data.py``).  Kept as stored: they are the data
-    of the paper's Table C.1.
+    columns: the ends of the columns are spliced from fragments.  In copy_variable.npz recall
+    targets refer to inputs that are no longer in the stream: 2.9% of the train, 8.7% of the
+    valid and 10.7% of the test targets cannot be copied from the input (none in copy_fixed.npz
+    beyond the first steps of each stream; ``validation/results/copy_authors_data.md``).  Kept as
+    stored: they are the data of the paper's Table C.1.
     """
     if variant not in COPY_AUTHORS:
         raise ValueError(f"variant: expected one of {tuple(COPY_AUTHORS)}, got {variant!r}")

@@ -43,37 +43,29 @@ FILES = {"fixed": ("copy_fixed.npz", 10, 10), "variable": ("copy_variable.npz", 
 SPLITS = ("train", "valid", "test")
 
 
-def classify(x, y, m_min, m_max):
-    """Per non-blank target of one column: 'ok', 'start' (needs inputs before step 0) or 'bad'.
+BLANK, OK, START, BAD = 0, 1, 2, 3          # labels of the targets
 
-    ``x``, ``y`` int arrays (T,), tokens 0 = blank, 1 = marker, 2.. = data.  Returns a dict of
-    counts.  Plain loops, written for clarity (the tests check it by a vectorised method).
-    """
+
+def labels(x, y, m_min, m_max):
+    """The label of every target of one column: BLANK, OK (predictable), START (needs inputs
+    before step 0) or BAD (no copy length reads it).  ``x``, ``y`` int arrays (T,), tokens
+    0 = blank, 1 = marker, 2.. = data.  Plain loops, written for clarity (the tests check the
+    counts by a vectorised method)."""
     T = len(y)
-    counts = {"blank": 0, "ok": 0, "start": 0, "bad": 0}
+    out = np.empty(T, dtype=np.int64)
     r = None                                     # start of the current recall segment
     for t in range(T):
         if y[t] == 0:
-            counts["blank"] += 1
+            out[t] = BLANK
             r = None
             continue
         if r is None or y[t] == 1:
             r = t
         j = t - r
-        good = False
-        for m in range(m_min, m_max + 1):
-            if r - m < 0:
-                continue
-            if all(x[r - m + i] == y[r + i] for i in range(j + 1)):
-                good = True
-                break
-        if good:
-            counts["ok"] += 1
-        elif r < m_max:
-            counts["start"] += 1
-        else:
-            counts["bad"] += 1
-    return counts
+        good = any(r - m >= 0 and all(x[r - m + i] == y[r + i] for i in range(j + 1))
+                   for m in range(m_min, m_max + 1))
+        out[t] = OK if good else (START if r < m_max else BAD)
+    return out
 
 
 def ideal_copier(x):
@@ -96,12 +88,16 @@ def ideal_copier(x):
     return y_hat
 
 
-def check_split(x, y, m_min, m_max):
-    """Counts over all columns of a split (T, B)."""
-    total = {"blank": 0, "ok": 0, "start": 0, "bad": 0}
-    for b in range(x.shape[1]):
-        for k, v in classify(x[:, b], y[:, b], m_min, m_max).items():
-            total[k] += v
+def split_labels(x, y, m_min, m_max):
+    """:func:`labels` of every column of a split (T, B)."""
+    return np.stack([labels(x[:, b], y[:, b], m_min, m_max) for b in range(x.shape[1])], axis=1)
+
+
+def check_split(x, y, m_min, m_max, lab=None):
+    """Counts over all columns of a split (T, B), and the ideal copier's errors."""
+    lab = split_labels(x, y, m_min, m_max) if lab is None else lab
+    c = np.bincount(lab.ravel(), minlength=4)
+    total = dict(zip(("blank", "ok", "start", "bad"), (int(v) for v in c)))
     total["targets"] = int(y.size)
     errs = np.stack([ideal_copier(x[:, b]) != y[:, b] for b in range(x.shape[1])], axis=1)
     total["copier_errors"] = int(errs.sum())
@@ -109,34 +105,67 @@ def check_split(x, y, m_min, m_max):
     return total
 
 
-def column_profile(x, y, m_min, m_max, parts=4):
-    """Unpredictable ('bad') targets per column, and their position along the stream (share in
-    each of ``parts`` equal time blocks), to show where the splices are."""
-    per_col = np.zeros(x.shape[1], dtype=int)
-    by_block = np.zeros(parts, dtype=int)
-    T = x.shape[0]
-    for b in range(x.shape[1]):
-        r = None
-        for t in range(T):
-            if y[t, b] == 0:
-                r = None
-                continue
-            if r is None or y[t, b] == 1:
-                r = t
-            if r < m_max:
-                continue
-            j = t - r
-            if not any(all(x[r - m + i, b] == y[r + i, b] for i in range(j + 1))
-                       for m in range(m_min, m_max + 1)):
-                per_col[b] += 1
-                by_block[min(parts - 1, t * parts // T)] += 1
-    return per_col, by_block
+def column_profile(lab, parts=4):
+    """Unpredictable (BAD) targets per column of a split's labels (T, B), and how many fall in
+    each of ``parts`` equal time blocks of the columns, to show where the splices are."""
+    bad = lab == BAD
+    block = np.minimum(parts - 1, np.arange(len(lab)) * parts // len(lab))
+    return bad.sum(axis=0), np.bincount(block, weights=bad.sum(axis=1), minlength=parts).astype(int)
+
+
+def target_losses(net, x, y):
+    """Per-target cross-entropy (T, B) of ``net`` from the zero state over the split, as the
+    trainer's evaluation (NumPy reference forward)."""
+    S = net.init_state(x.shape[1])
+    L = np.empty(x.shape)
+    for t in range(len(x)):
+        S, _ = net.step(S, x[t])
+        z = net.readout(S[0][-1])
+        z = z - z.max(axis=1, keepdims=True)
+        L[t] = np.log(np.exp(z).sum(axis=1)) - z[np.arange(x.shape[1]), y[t]]
+    return L
+
+
+def loss_breakdown(run_dir, data_dir, cache=None):
+    """For a trained run on the authors' variable-m file: PPL over all targets, the predictable
+    ones (blank and OK) and the unpredictable ones (BAD), with the best parameters."""
+    from npbptt.checkpoint import load_checkpoint
+    from npbptt.tasks import prepare, read_config
+    info = read_config(run_dir)["info"]
+    kw = {k: info[k] for k in ("m", "m_min", "T_train", "T_eval", "embed", "hidden", "layers")}
+    net, data, _, _ = prepare("copy", K=1, data="authors", data_dir=data_dir, **kw)
+    arrays, meta = load_checkpoint(Path(run_dir) / "checkpoint.npz")
+    for k in net.params:
+        net.params[k][...] = arrays["best/" + k]
+    m_min = info["m_min"] or info["m"]
+    out = {"epoch": meta["best"]["epoch"]}
+    for split in ("valid", "test"):
+        x, y = getattr(data, split)
+        L = target_losses(net, x, y)
+        key = (m_min, info["m"], split, x.shape)
+        if cache is None or key not in cache:
+            lab = split_labels(x, y, m_min, info["m"])
+            if cache is not None:
+                cache[key] = lab
+        lab = cache[key] if cache is not None else lab
+        pred = (lab == BLANK) | (lab == OK)
+        bad = lab == BAD                  # clean part: before the first BAD of a column, - 2m
+        first = np.where(bad.any(axis=0), bad.argmax(axis=0), len(x)) - 2 * info["m"]
+        clean = np.arange(len(x))[:, None] < first[None, :]
+        out[split] = {"all": float(np.exp(L.mean())), "predictable": float(np.exp(L[pred].mean())),
+                      "clean": float(np.exp(L[clean].mean())), "clean_share": float(clean.mean()),
+                      "unpredictable": float(np.exp(L[lab == BAD].mean())),
+                      "share_of_loss": float(L[lab == BAD].sum() / L.sum())}
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=os.environ.get("NPBPTT_DATA"))
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--runs", nargs="*", default=[],
+                   help="run directories trained with --data authors --m-min 5: the loss of "
+                        "their best parameters on the predictable and unpredictable targets")
     a = p.parse_args(argv)
     if not a.data_dir:
         print("copy_authors_data.py: give --data-dir or set NPBPTT_DATA", file=sys.stderr)
@@ -152,12 +181,14 @@ def main(argv=None):
              "| stream start | unpredictable in the last quarter of the columns "
              "| ideal copier: % errors (all steps) | ... from step 20 on |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cache = {}
     for task, (fname, m_min, m_max) in FILES.items():
         data = load_copy_authors(a.data_dir, task)
         for split in SPLITS:
             x, y = getattr(data, split)
-            c = check_split(x, y, m_min, m_max)
-            per_col, blocks = column_profile(x, y, m_min, m_max)
+            lab = cache[(m_min, m_max, split, x.shape)] = split_labels(x, y, m_min, m_max)
+            c = check_split(x, y, m_min, m_max, lab)
+            per_col, blocks = column_profile(lab)
             nb = c["targets"] - c["blank"]
             lines.append(f"| {fname} (m = {m_min}..{m_max}) | {split} | {c['targets']} | {nb} "
                          f"| {c['bad']} | {100 * c['bad'] / c['targets']:.2f} "
@@ -181,6 +212,25 @@ def main(argv=None):
               "to inputs that were shifted away. The unpredictable targets sit at the ends of the "
               "columns (last column of the table), where the repeated shifts splice the fragments.",
               ""]
+    if a.runs:
+        lines += ["## Where a trained network's loss goes (variable m)", "",
+                  "The best parameters (by validation PPL) of runs on copy_variable.npz; PPL over all "
+                  "targets (the table's number), over the predictable ones (blank or copyable) and "
+                  "over the unpredictable ones, and the unpredictable targets' share of the "
+                  "summed loss; the clean part of a column is its steps before the first "
+                  "unpredictable target, less 2m = 20 (no splice yet).", "",
+                  "| run | best epoch | split | PPL, all | PPL, predictable | PPL, unpredictable "
+                  "| share of the loss | PPL, clean part (share of steps) |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|"]
+        for run in a.runs:
+            b = loss_breakdown(run, a.data_dir, cache)
+            for split in ("valid", "test"):
+                r = b[split]
+                lines.append(f"| {Path(run).name} | {b['epoch']} | {split} | {r['all']:.3f} "
+                             f"| {r['predictable']:.3f} | {r['unpredictable']:.2f} "
+                             f"| {100 * r['share_of_loss']:.0f}% "
+                             f"| {r['clean']:.3f} ({100 * r['clean_share']:.0f}%) |")
+        lines.append("")
     out = Path(a.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "copy_authors_data.md").write_text("\n".join(lines), encoding="utf-8")
