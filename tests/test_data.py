@@ -380,3 +380,25 @@ def test_copy_authors_unpredictable_targets():
     k = np.flatnonzero(y2[:, 0] >= 2)[100]
     y2[k, 0] = 2 + (y2[k, 0] - 1) % 4                              # another data symbol
     assert _unreadable_recalls(x, y2, 5, 10) >= 1
+
+
+@needs_authors
+def test_copy_authors_data_script_agrees_with_the_vectorised_count():
+    """validation/copy_authors_data.py's loops (labels, ideal copier) against the method above."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "validation" / "copy_authors_data.py"
+    spec = importlib.util.spec_from_file_location("copy_authors_data", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x, y = D.load_copy_authors(DATA, "variable").valid
+    lab = mod.split_labels(x, y, 5, 10)
+    assert int((lab == mod.BAD).sum()) == _unreadable_recalls(x, y, 5, 10) == 5578
+    assert int((lab == mod.BLANK).sum()) == int((y == 0).sum())
+    # the ideal copier is exact on a correctly generated stream of the authors' format
+    rng = np.random.default_rng(1)
+    xs, ys = [], []
+    for m in rng.integers(5, 11, size=50):
+        ex = np.concatenate([[1], rng.integers(2, 6, size=m - 1)])
+        xs += [ex, np.zeros(m, int)]
+        ys += [np.zeros(m, int), ex]
+    np.testing.assert_array_equal(mod.ideal_copier(np.concatenate(xs)), np.concatenate(ys))

@@ -408,3 +408,11 @@ def test_book_order_reproduction_script_smoke(tmp_path):
     assert f"| {best['test_nll']:.3f} |" in next(l for l in table.splitlines() if l.startswith("| K = 3 |"))
     for name in ("figure_c3", "figure_c4", "figure3"):
         assert (tmp_path / "res" / f"book_order_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_copy_data_setting_is_checked_by_the_api(monkeypatch):
+    with pytest.raises(ValueError, match=r"^data: expected one of 'generated', 'authors'"):
+        prepare("copy", K=5, data="authorz")
+    monkeypatch.delenv("NPBPTT_DATA", raising=False)
+    with pytest.raises(ValueError, match=r"^data_dir: task 'copy' with data='authors'"):
+        prepare("copy", K=5, data="authors")
