@@ -24,8 +24,8 @@ does not count against an estimator.
 
 Problems:
 
-* influence balancing (Tallec & Ollivier 2017, "Unbiased Online Recurrent Optimization" §6 and
-  "Unbiasing Truncated BPTT" §5): the linear recurrence s_t = A s_{t-1} + theta u, A_ii = 1/2,
+* influence balancing (Tallec & Ollivier 2017, the synthetic task of "Unbiased Online Recurrent Optimization" and
+  of "Unbiasing Truncated BPTT"; rebuilt here from its description): the linear recurrence s_t = A s_{t-1} + theta u, A_ii = 1/2,
   A_{i,i+1} = 1/2, u = (1, ..., 1, -1, ..., -1) with p ones in n units, loss (s^1_t - 1)^2,
   written as an npbptt.RNN (linear activation, dense input x_t = 1, no bias, read-out e_1); the
   parameter is the scalar theta (the gradient reported is u . dL/dW_ih).  Short lags see only the
