@@ -104,7 +104,9 @@ def _setting_help(flag, key, setting, names):
     for n in names:
         st = tasks[n].by_key[key]
         d = st.none if st.default is None else st.default
-        q = "" if st.quick == st.SAME else f" (--quick {st.quick})"
+        q = "" if st.quick == st.SAME else f" (--quick {st.quick}" + (
+            f" unless --{st.quick_unless[0].replace('_', '-')} {st.quick_unless[1]})"
+            if st.quick_unless else ")")
         defaults.append(f"{n} {d}{q}")
     return f"{setting.help} [{', '.join(defaults)}]"
 

@@ -416,3 +416,13 @@ def test_copy_data_setting_is_checked_by_the_api(monkeypatch):
     monkeypatch.delenv("NPBPTT_DATA", raising=False)
     with pytest.raises(ValueError, match=r"^data_dir: task 'copy' with data='authors'"):
         prepare("copy", K=5, data="authors")
+
+
+def test_copy_quick_m_does_not_apply_to_the_authors_files():
+    """--quick shortens the copy to m = 4 on generated data; the authors' files have m = 10, so
+    --data authors --quick keeps m = 10 (an explicit --m still wins and is checked)."""
+    copy = TASKS["copy"]
+    assert copy.values({}, quick=True)["m"] == 4
+    assert copy.values({"data": "authors"}, quick=True)["m"] == 10
+    assert copy.values({"data": "authors", "m": 7}, quick=True)["m"] == 7
+    assert copy.values({}, quick=False)["m"] == 10

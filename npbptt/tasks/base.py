@@ -27,7 +27,8 @@ class Setting:
     ``nullable`` (e.g. "all the data"); ``minimum`` bounds ints and floats from below
     (``exclusive``: strictly); ``maximum`` from above, strictly; ``quick``: the value under
     ``--quick`` (``Setting.SAME``: unchanged); ``none``: what None means, for ``--help``;
-    ``choices``: the allowed values of a str setting (None: any string)."""
+    ``choices``: the allowed values of a str setting (None: any string); ``quick_unless``:
+    (key, value) of another setting under which the quick value does not apply."""
     key: str
     type: type
     default: object
@@ -39,6 +40,7 @@ class Setting:
     nullable: bool = False
     none: str = "none"          # what None means, for --help ("all": all the data)
     choices: tuple | None = None
+    quick_unless: tuple | None = None
     SAME = "<same>"
 
     @property
@@ -132,6 +134,10 @@ class Task:
                              f"{', '.join(self.by_key)})")
         out = {s.key: s.value(quick) for s in self.settings}
         out.update(given)
+        for s in self.settings:
+            if quick and s.quick_unless and s.key not in given \
+                    and out[s.quick_unless[0]] == s.quick_unless[1]:
+                out[s.key] = s.default
         return {k: self.by_key[k].check(v) for k, v in out.items()}
 
     def training(self, given, quick=False):
