@@ -64,8 +64,8 @@ def default_backend():
 def resolve(op, backend=None, net=None, masked=False):
     """The function implementing ``op`` on ``backend`` (see the module docstring) for ``net``: the
     reference when the backend's kernels do not support ``net`` (``npbptt.kernels.shared.supports``;
-    ``net=None``: the kernel itself), or when ``masked`` (the call has dropout masks, which only
-    the reference takes, as its keyword ``masks``).  The backend is checked either way.  Without
+    ``net=None``: the kernel itself), or when ``masked`` (the call has dropout masks, keyword
+    ``masks``) and the kernel module's ``takes_masks(op, net)`` is missing or False.  The backend is checked either way.  Without
     masks a network with ``dropout > 0`` is the stock network, which the kernels compute."""
     if op not in _REFERENCE:
         raise ValueError(f"unknown operation {op!r}")
@@ -94,9 +94,8 @@ def resolve(op, backend=None, net=None, masked=False):
     takes_masks = getattr(mod, "takes_masks", None)       # (op, net) -> bool, where kernels take masks
     masked_ref = masked and not (takes_masks is not None and net is not None and takes_masks(op, net))
     if masked_ref or (net is not None and not mod.supports(net)):
-        # the one place that decides: a network the kernels do not compute (its own step, a
-        # tied read-out) or a call with dropout masks runs the reference, never silently the
-        # stock recurrence
+        # the one place that decides: a network the kernels do not compute (its own step) or a
+        # masked call they do not take runs the reference, never silently the stock recurrence
         module, name = _REFERENCE[op]
         return getattr(importlib.import_module(module), name)
     return getattr(mod, op)

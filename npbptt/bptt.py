@@ -82,7 +82,7 @@ def _top(net, S, masks, t):
 
 def bptt_reference(net, x, y, S, K1, K2, loss, masks=None):
     """Recursion (16) on validated inputs; S is the internal state tuple, ``masks`` None or
-    checked dropout masks of the T steps (only this reference takes them).
+    checked dropout masks of the T steps.
 
     Returns (loss, grads, S_T). Every fast backend's ``bptt`` must equal this function.
     """
@@ -150,7 +150,8 @@ def bptt(net, x, y, state, K1, K2, loss="cross_entropy", backend=None, masks=Non
     K2 : int, 1 <= K2 <= min(T, K1+1): the losses of the last K2 steps are used.
     loss : "cross_entropy" or "mse"
     backend : "numpy" (the reference), "numba", "cuda", or None for the default.  With ``masks``
-        the NumPy reference runs whatever the backend (the kernels compute the stock network).
+        the numba kernels run them too (``backends.resolve``: ``takes_masks``); CUDA hands them to
+        the NumPy reference.
     masks : None (evaluation: no dropout, the stock network, whatever ``net.dropout``) or an
         ``npbptt.model.DropoutMasks`` with ``input`` (T, B, input_size) and ``output``
         (T, B, hidden_size) in ``net.dtype`` (``net.dropout_masks(T, B, rng)``): step t
@@ -199,7 +200,7 @@ def bptt(net, x, y, state, K1, K2, loss="cross_entropy", backend=None, masks=Non
 def step_losses(net, x, y, state, loss="cross_entropy", backend=None, masks=None):
     """Forward pass over a sequence: (L, state) with L (T,) the batch-mean loss of every step
     and ``state`` the final state. ``exp(L.mean())`` is the perplexity for cross-entropy.
-    ``masks`` as :func:`bptt` (None: evaluation, no dropout; given: the NumPy reference runs)."""
+    ``masks`` as :func:`bptt` (None: evaluation, no dropout)."""
     x, y, S = check_inputs(net, x, y, state, loss)
     masks = check_masks(net, masks, *x.shape[:2])
     impl = backends.resolve("step_losses", backend, net, masked=masks is not None)
@@ -226,7 +227,7 @@ def stream(net, x, y, state, K, K1=None, loss="cross_entropy", backend=None, rng
     iteration proceeds).  A step recomputed later (the K1 + 1 - K steps of a window before S_m,
     and the advance pass) reuses the masks it was first given, so the carried state is the one the
     windows' forward passes compute, and each result is ``bptt(..., masks=)`` on its window with
-    those masks (the NumPy reference runs: see :func:`bptt`).  Only the masks of the current
+    those masks (see :func:`bptt` for which backend runs them).  Only the masks of the current
     window are kept.  The same generator state gives the same results bit for bit.
     ``rng=None`` or ``net.dropout == 0``: no dropout, ``rng`` is not touched.
 
