@@ -42,6 +42,7 @@ The run directory's files are :mod:`npbptt.runfiles`'s; the experiments' models,
 defaults are :mod:`npbptt.tasks`'s.
 """
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,7 +222,7 @@ def train(net, data, config, out=None, resume=False, progress=True, info=None, l
         and ``phi_best.npz`` at the end, each written atomically (:mod:`npbptt.runfiles`).
     resume : continue the run in ``out`` from its checkpoint; ``config`` must equal the stored one
         except ``epochs`` and ``backend``.  The continuation equals an uninterrupted run.
-    progress : show a tqdm bar (loss and K)
+    progress : show a tqdm bar (loss and K) on a terminal; one line per epoch on stderr otherwise
     info : JSON-able dict stored in ``config.json`` (the task's settings, :mod:`npbptt.tasks`)
     label : the progress bar's description
     blas_threads : BLAS threads during training (None: leave as is).  The products are small
@@ -297,8 +298,11 @@ def _train(net, data, config, out, resume, progress, info, label, metrics_fn):
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG, {"train": asdict(cfg), "model": model_info(net),
                                   "info": info or {}, "data_sha256": digest})
-    bar = tqdm(total=(cfg.epochs - st.epoch) * T, unit="step", disable=not progress,
-               desc=label or ("K=%d" % cfg.K if not cfg.adaptive else "delta=%g" % cfg.delta),
+    # a bar on a terminal; in a log (stderr not a terminal) one line per epoch instead
+    lines = progress and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    desc = label or ("K=%d" % cfg.K if not cfg.adaptive else "delta=%g" % cfg.delta)
+    bar = tqdm(total=(cfg.epochs - st.epoch) * T, unit="step", disable=not progress or lines,
+               desc=desc,
                leave=True, dynamic_ncols=True)
     steps = [0]
 
@@ -325,6 +329,10 @@ def _train(net, data, config, out, resume, progress, info, label, metrics_fn):
             st.metrics.append(row)
             st.epoch = epoch
             bar.set_postfix(loss=f"{row['train_loss']:.4f}", K=st.K, valid_ppl=f"{row['valid_ppl']:.4f}")
+            if lines:
+                print(f"{desc}: epoch {epoch}/{cfg.epochs} K={row['K']} "
+                      f"loss={row['train_loss']:.4f} valid_ppl={row['valid_ppl']:.4f} "
+                      f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
             if out is not None:
                 save_state(out, net, cfg, st, digest)
     finally:

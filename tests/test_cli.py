@@ -187,3 +187,14 @@ def test_sweep_on_a_dask_cluster_equals_the_local_sweep(capsys, tmp_path):
         for a, b in zip(here, there):
             for col in ("K", "train_loss", "valid_ppl", "test_ppl", "delta_hat"):
                 assert a[col] == b[col], (name, col)
+
+
+def test_progress_in_a_log_is_one_line_per_epoch(capsys, tmp_path):
+    """stderr not a terminal (a log, CI): no bar redrawn with carriage returns, one line an epoch."""
+    code, _, err = run(capsys, "train", "copy", "--K", "3", "--epochs", "2", *TINY,
+                       "--out", str(tmp_path / "r"))
+    assert code == 0
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 2, err
+    assert "epoch 1/2 K=3" in lines[0] and "epoch 2/2 K=3" in lines[1]
