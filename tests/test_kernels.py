@@ -19,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 import npbptt
 from npbptt import backends
 from npbptt.bptt import bptt_reference, step_losses_reference
-from npbptt.kernels import cpu
+from npbptt.kernels import cpu, cpu_layers, cpu_small
 from npbptt.model import RNN, DropoutMasks
 from npbptt.probe import grad_norms_reference
 from npbptt.validate import check_inputs
@@ -290,7 +290,7 @@ def test_blocked_paths_equal_reference(case, path):
         return list(zip(cuts[:-1], cuts[1:]))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_BLOCK_ELEMENTS", 8)
+        mp.setattr(cpu_layers, "_BLOCK_ELEMENTS", 8)
         mp.setattr(cpu, "_FUSE_BYTES", 1 << 62 if path == "small" else 0)
         mp.setattr(cpu, "_SMALL_MIN_ROWS32", 0)
         mp.setattr(cpu, "_chunks", five_chunks)
@@ -424,7 +424,7 @@ def test_results_gathered_by_the_caller_when_the_kernels_wait_runs_out():
         mp.setattr(cpu, "_chunks", lambda net, B: [(0, 7), (7, 15), (15, B)])
         normal = cpu.bptt(prob.net, x, y, S, 6, 3, prob.loss)
         phi = cpu.grad_norms(prob.net, x, y, S, prob.loss)
-        mp.setattr(cpu, "_SPINS", 1)
+        mp.setattr(cpu_small, "_SPINS", 1)
         for _ in range(3):
             waited = cpu.bptt(prob.net, x, y, S, 6, 3, prob.loss)
             assert waited[0] == normal[0]
@@ -578,7 +578,7 @@ def test_tied_and_masked_blocked_paths_equal_reference(case):
         return list(zip(cuts[:-1], cuts[1:]))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_BLOCK_ELEMENTS", 8)
+        mp.setattr(cpu_layers, "_BLOCK_ELEMENTS", 8)
         mp.setattr(cpu, "_FUSE_BYTES", 0)
         mp.setattr(cpu, "_chunks", five_chunks)
         l_ref, g_ref, _ = bptt_reference(prob.net, x, y, S, K1, K2, prob.loss, **kw)
@@ -613,3 +613,16 @@ def test_tied_and_masked_at_a_wider_layer_float32_and_float64():
     for n in g_ref:
         _assert_close64(g_ref[n], g_got[n], n)
     _float32_check(prob, 5, 3, masks)
+
+
+def test_small_path_records_name_the_jitted_parameters_in_order():
+    """The small path's argument records (cpu_small.SmallForward / SmallBackward) are the leading
+    parameters of jit.small_forward / small_backward by name and in order, so that ``*record``
+    passes each array where the kernel expects it; the call adds exactly the remaining ones."""
+    import inspect
+    from npbptt.kernels import _cpu_jit as jit
+    for record, kernel, rest in ((cpu_small.SmallForward, jit.small_forward, ("hout", "cout", "posted")),
+                                 (cpu_small.SmallBackward, jit.small_backward,
+                                  ("gout", "val", "flags", "spins"))):
+        params = tuple(inspect.signature(kernel.py_func).parameters)
+        assert params == record._fields + rest, (record.__name__, params)
