@@ -239,7 +239,7 @@ def _readout_backward(dn, Htop, y, loss, scale, dH, gv=None):
 
 
 def _backward(dn, x, layers, dH, t_stop, sq, gv=None):
-    """Recursion (16) down the layers (as npbptt.kernels.cpu._backward); the parameter gradients
+    """Recursion (16) down the layers (as npbptt.kernels.cpu_layers._backward); the parameter gradients
     into the device views ``gv`` when given."""
     k = _k(dn.dt)
     from ._cuda_jit import SB, SJ, block_threads
