@@ -63,12 +63,8 @@ def _chunks(net, B):
     batch size B alone, never by the thread count, so that every result is bitwise the same on 1
     or 64 threads (runtime contract 1).  Chunks of about _CHUNK_ROWS rows, but two once the batch
     has 2 * _MIN_ROWS_PER_CHUNK rows, at most _MAX_CHUNKS, the rows spread evenly: B = 32 gives
-    2 x 16, 64 gives 2 x 32, 128 gives 4 x 32.  (Smaller chunks leave more threads busy on a
-    many-core machine but cost the GEMMs: W1 (B = 64) in 4 chunks of 16 ran 8% (float64) and 14%
-    (float32) slower on 2 threads than in 2 of 32.)  Every chunk uses a single-threaded BLAS,
-    also for large layers where a multi-threaded BLAS on the whole batch would halve the traffic
-    of W_hh: its threads spin-wait for each other at every small GEMM of the recurrence, which is
-    up to 10x slower when the cores are shared."""
+    2 x 16, 64 gives 2 x 32, 128 gives 4 x 32.  Every chunk uses a single-threaded BLAS, also for
+    large layers.  Why these sizes (measurements): docs/kernels.md, "Timings behind the choices"."""
     n = min(_MAX_CHUNKS, max(B // _CHUNK_ROWS, min(2, B // _MIN_ROWS_PER_CHUNK)))
     if n <= 1:
         return [(0, B)]
@@ -104,10 +100,9 @@ def _fused(net, l):
 
 def _small_path(net, chunks):
     """Whether to run the small path (:func:`.cpu_small.small_call`): every layer small
-    (:func:`_fused`) and, for float32, every chunk at least _SMALL_MIN_ROWS32 rows wide.  (Feature-major, the
-    batch is the GEMMs' N dimension, which BLAS's float32 kernels process 16 columns at a time:
-    narrower chunks waste lanes, and W1-sized networks with 2-15 rows ran 8-19% slower than
-    layer by layer.)"""
+    (:func:`_fused`) and, for float32, every chunk at least _SMALL_MIN_ROWS32 rows wide
+    (feature-major, the batch is the GEMMs' N dimension, which BLAS's float32 kernels process 16
+    columns at a time; measurements: docs/kernels.md, "Timings behind the choices")."""
     if np.dtype(net.dtype) == np.float32 and min(r1 - r0 for r0, r1 in chunks) < _SMALL_MIN_ROWS32:
         return False
     return all(_fused(net, l) for l in range(net.num_layers))

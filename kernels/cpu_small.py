@@ -141,8 +141,7 @@ class _SmallPlan:
     call's shared arrays ``call`` (:class:`_SmallCall`).
     The calling thread loads the inputs (:meth:`load`) in place; :meth:`run` runs the kernels,
     which write the chunk's rows of the final state: no Python beyond the two kernel calls runs
-    in the worker threads, which matters because it runs under one GIL.  (Loading inside
-    small_forward would save ~25 us a call but cost ~1 s more compile time per float type.)
+    in the worker threads, which matters because it runs under one GIL.
     The accumulators are zeroed by the kernels themselves; the gradients are views of row c of
     ``call.G``."""
 
@@ -304,8 +303,7 @@ class _SmallCall:
 def _entry(dispatcher, args):
     """The compiled entry point of numba ``dispatcher`` for arguments of the types of ``args``
     (compiled, or loaded from numba's cache, if need be): calling it directly skips numba's type
-    dispatch, which for the small kernels' ~30 arguments holds the GIL ~2.5 us a call, and a
-    second thread wanting the GIL meanwhile sleeps and wakes (20-100 us here)."""
+    dispatch, which holds the GIL while a second thread may want it (docs/kernels.md)."""
     return dispatcher.compile(tuple(numba.typeof(a) for a in args))
 
 
