@@ -60,9 +60,9 @@ RUNS = {
                  settings=dict(m=5, hidden=32, batch=32, T_train=32 * 4000, T_eval=32 * 250,
                                epochs=3, W=40, burnin=10, K0=10, K_min=2, K_max=40,
                                probes_per_epoch=4, delta_probes=0)),
-    "ptb": dict(task="ptb", dtype="float32", T=64, R=32, label="PTB LSTM 1x64 (tied)",
+    "ptb": dict(task="ptb", dtype="float32", T=48, R=24, label="PTB LSTM 1x64 (tied)",
                 settings=dict(hidden=64, embed=64, train_steps=1500, eval_steps=200, epochs=4,
-                              lr=1.0, K0=20, K_min=5, K_max=100, W=100, burnin=20,
+                              lr=1.0, K0=20, K_min=2, K_max=100, W=100, burnin=20,
                               probes_per_epoch=3, delta_probes=0)),
 }
 RUNS_QUICK = {
