@@ -30,7 +30,7 @@ from .checkpoint import RunFileError, load_checkpoint
 
 __all__ = ["Run", "collect_runs", "group_runs", "summarize_runs", "format_table_c1",
            "format_table_c3", "format_table", "figure1", "figure_c1", "figure3", "figure_c3",
-           "figure_c4", "plot_all"]
+           "figure_c4", "plot_all", "write_table_files"]
 
 NLL_METRICS = ("valid_nll", "test_nll", "test_rmse", "test_error")
 """metrics.csv columns of a point-process run (the Book Order task, Table C.3)."""
@@ -465,3 +465,21 @@ def plot_all(runs, out):
         paths += [figure_c3(nll, out / "figure_c3.png"), figure_c4(nll, out / "figure_c4.png")]
     paths.append(figure3(runs, out / "figure3.png"))
     return [p for p in paths if p is not None]
+
+
+def write_table_files(results, prefix, table, lines, csv_rows, runs):
+    """A reproduction script's files in ``results``: ``{prefix}_{table}.md`` (``lines``),
+    ``{prefix}_{table}.csv`` (``csv_rows``, dicts with the same keys) and the figures of
+    :func:`plot_all` as ``{prefix}_figure*.png``."""
+    import csv
+    import tempfile
+    results = Path(results)
+    (results / f"{prefix}_{table}.md").write_text("\n".join(lines) + "\n")
+    with open(results / f"{prefix}_{table}.csv", "w", newline="") as fh:
+        if csv_rows:
+            w = csv.DictWriter(fh, fieldnames=list(csv_rows[0]))
+            w.writeheader()
+            w.writerows(csv_rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in plot_all(runs, Path(tmp)):
+            Path(path).replace(results / f"{prefix}_{Path(path).name}")

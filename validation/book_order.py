@@ -25,14 +25,13 @@ Run (resumable; checkpoints go to --runs, not committed):
 epoch at the paper's size) to the report.  A reduced run says so in its table.
 """
 import argparse
-import csv
 import math
 import sys
 import tempfile
 from pathlib import Path
 
 from npbptt.cli import main as npbptt_main
-from npbptt.plots import collect_runs, plot_all, summarize_runs
+from npbptt.plots import collect_runs, summarize_runs, write_table_files
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -200,15 +199,7 @@ def write_report(runs, results, prefix="book_order", timing=()):
     if timing_lines:
         lines += ["", "Single runs at the paper's size (one epoch each, same machine):", ""] + timing_lines
     lines += ["", "## Known differences from the paper's runs", ""] + [f"- {d}" for d in DIFFERENCES]
-    (results / f"{prefix}_table_c3.md").write_text("\n".join(lines) + "\n")
-    with open(results / f"{prefix}_table_c3.csv", "w", newline="") as fh:
-        if csv_rows:
-            w = csv.DictWriter(fh, fieldnames=list(csv_rows[0]))
-            w.writeheader()
-            w.writerows(csv_rows)
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in plot_all(runs, Path(tmp)):
-            Path(path).replace(results / f"{prefix}_{Path(path).name}")
+    write_table_files(results, prefix, "table_c3", lines, csv_rows, runs)
     print("\n".join(lines))
 
 

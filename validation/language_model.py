@@ -22,14 +22,13 @@ Every setting not given is the task's (``npbptt train ptb --help``): the paper's
 scripts' values.  A reduced run says so in its table.
 """
 import argparse
-import csv
 import math
 import sys
 import tempfile
 from pathlib import Path
 
 from npbptt.cli import main as npbptt_main
-from npbptt.plots import collect_runs, plot_all, summarize_runs
+from npbptt.plots import collect_runs, summarize_runs, write_table_files
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -130,15 +129,7 @@ def write_report(task, runs, results, prefix):
         lines += ["", f"Seconds per epoch (training, probes, evaluation): median "
                       f"{sorted(secs)[len(secs) // 2]:.0f}."]
     lines += ["", "Known differences from the paper's runs:", ""] + [f"- {d}" for d in DIFFERENCES]
-    (results / f"{prefix}_table_c2.md").write_text("\n".join(lines) + "\n")
-    with open(results / f"{prefix}_table_c2.csv", "w", newline="") as fh:
-        if csv_rows:
-            w = csv.DictWriter(fh, fieldnames=list(csv_rows[0]))
-            w.writeheader()
-            w.writerows(csv_rows)
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in plot_all(runs, Path(tmp)):
-            Path(path).replace(results / f"{prefix}_{Path(path).name}")
+    write_table_files(results, prefix, "table_c2", lines, csv_rows, runs)
     print("\n".join(lines))
 
 
